@@ -34,5 +34,9 @@ if IN_COLAB:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *"{packages}".split()], check=True)
     COURSE_ROOT = Path("{COLAB_CHECKOUT}")
 else:
-    COURSE_ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "utils" / "checking.py").exists())
+    candidates = [Path(os.environ.get("WORKBOOK_ROOT", Path.cwd())), Path.cwd(), *Path.cwd().parents]
+    COURSE_ROOT = next((p for p in candidates if (p / "utils" / "checking.py").exists()), None)
+    if COURSE_ROOT is None:
+        raise RuntimeError("Could not find the course folder (the one holding utils/). Open this notebook from "
+                           "inside the course, or set the WORKBOOK_ROOT environment variable to its path.")
 sys.path.insert(0, str(COURSE_ROOT))'''
