@@ -93,13 +93,14 @@ def load_hf_smollm2():
     folder = _smollm2_cache_folder()
     if not (folder / "model.safetensors").is_file():
         _build_smollm2_cache(folder)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # hides the weight-loading progress bar
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 2-second load needs no progress bar in every notebook
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     finally:
-        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     hf_model.eval()
     return hf_model, tokenizer
 
