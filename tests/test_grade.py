@@ -217,3 +217,28 @@ def test_real_chapters_round_trip():
     for graded_ in grades[len(solutions):]:
         passed = [f"{row.exercise} {row.key}: {row.message}" for row in graded_.rows if row.passed]
         assert graded_.max_points > 0 and not passed, f"{graded_.notebook} earns points untouched: {passed}"
+
+
+def test_parallel_kernels_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
+    """Two kernels each running torch on every core slow each other down several times over."""
+    seen = []
+    monkeypatch.setattr(grade, "grade_notebook", lambda path, timeout, module, threads=None: seen.append(threads))
+    monkeypatch.setattr(grade.os, "cpu_count", lambda: 4)
+    grade.grade_all(["a.ipynb", "b.ipynb"], jobs=2)
+    assert seen == [2, 2]
+    seen.clear()
+    grade.grade_all(["a.ipynb", "b.ipynb"], jobs=1)
+    assert seen == [None, None]
+
+    environments = []
+
+    class RecordingKernel:
+        def __init__(self, nb, cwd, timeout, allow_errors, env):
+            environments.append(env)
+
+        def started(self):
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(grade, "Kernel", RecordingKernel)
+    problem = grade._run(None, Path("."), Path("."), "99", CHECKS, 5, 1, threads=3)[2]
+    assert "stop here" in problem and environments[0]["OMP_NUM_THREADS"] == "3"

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import importlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -138,11 +139,12 @@ def _notebook_row(label: str, chapter: str, message: str, max_points: int = 0) -
     return Row(label, chapter, "", "", False, 0, max_points, message)
 
 
-def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_module: str | None = None) -> NotebookGrade:
+def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_module: str | None = None,
+                   threads: int | None = None) -> NotebookGrade:
     """Grade one notebook; never raises for a problem with the notebook (that becomes a row).
 
     checks_module: the module that registers the chapter's checks (default `utils.checks.chNN`); tests pass a
-    fixture module instead.
+    fixture module instead. threads: CPU threads for the kernel's torch (default: torch's own choice).
     """
     label, path = str(path), Path(path)
     try:
@@ -174,7 +176,8 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_modu
         work = Path(scratch) / "notebook"
         work.mkdir()
         shutil.copyfile(path, work / path.name)
-        failed, results, problem = _run(nb, work, Path(scratch) / "ipython", chapter, module, timeout, len(exercises))
+        failed, results, problem = _run(nb, work, Path(scratch) / "ipython", chapter, module, timeout, len(exercises),
+                                       threads)
 
     rows = []
     for exercise in exercises:
@@ -184,9 +187,12 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_modu
     return NotebookGrade(label, chapter, rows, failed)
 
 
-def _run(nb, work: Path, ipython_dir: Path, chapter: str, module: str, timeout: int, n_checks: int):
+def _run(nb, work: Path, ipython_dir: Path, chapter: str, module: str, timeout: int, n_checks: int,
+         threads: int | None = None):
     """Execute the notebook, then the grading cell. Returns (failed cells, {key: (passed, message)}, problem)."""
     env = kernel_env(WORKBOOK_ROOT=str(ROOT), IPYTHONDIR=str(ipython_dir))  # no learner startup files, no history
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch reads it at import
     kernel = Kernel(nb, cwd=work, timeout=timeout, allow_errors=True, env=env)
     failed: list[CellRun] = []
     index = -1
@@ -238,8 +244,11 @@ def grade_all(paths: list[str | Path], timeout: int = DEFAULT_TIMEOUT, jobs: int
     thread per notebook is enough to drive them, and needs no `if __name__ == "__main__"` guard in the caller."""
     if jobs <= 1 or len(paths) <= 1:
         return [grade_notebook(path, timeout, checks_module) for path in paths]
+    # Kernels that together ask for more threads than there are cores slow each other down several times over
+    # (their thread pools spin waiting for each other), so each kernel gets its share of the cores.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(grade_notebook, paths, repeat(timeout), repeat(checks_module)))
+        return list(pool.map(grade_notebook, paths, repeat(timeout), repeat(checks_module), repeat(threads)))
 
 
 def rows(grades: list[NotebookGrade]) -> list[dict]:
