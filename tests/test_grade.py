@@ -170,8 +170,10 @@ def test_unreadable_notebooks_give_one_clear_row(graded):
 def test_cli_jobs_1_matches_jobs_2_and_writes_json_and_csv(graded, notebooks, tmp_path):
     names = ["solution", "cheat", "invalid"]
     out_json, out_csv = tmp_path / "grades.json", tmp_path / "grades.csv"
+    out_html = tmp_path / "grades.html"
     command = [sys.executable, "-m", "utils.grade", *(str(notebooks[name]) for name in names), "--jobs", "1",
-               "--timeout", str(GENEROUS), "--checks-module", CHECKS, "--json", str(out_json), "--csv", str(out_csv)]
+               "--timeout", str(GENEROUS), "--checks-module", CHECKS, "--json", str(out_json), "--csv", str(out_csv),
+               "--html", str(out_html)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "99.1 add ✓ 1/1 passed (4 cases)" in [" ".join(line.split()) for line in result.stdout.splitlines()]
@@ -186,6 +188,20 @@ def test_cli_jobs_1_matches_jobs_2_and_writes_json_and_csv(graded, notebooks, tm
         table = list(csv.DictReader(file))
     assert list(table[0]) == grade.COLUMNS
     assert table == [{key: str(value) for key, value in row.items()} for row in expected]
+    report = out_html.read_text()
+    assert report.count("<h3>") == 3 and ": 3/3 points</h3>" in report and ": 0/3 points</h3>" in report
+    assert "cannot read the notebook" in report  # the invalid notebook is reported, not skipped
+
+
+def test_class_summary_counts_passes_and_the_most_common_failure(graded):
+    grades = [graded[0][name] for name in ("solution", "learner", "cheat", "wrong")]
+    summary = {entry["key"]: entry for entry in grade.class_summary(grades)}
+    assert (summary["add"]["passed"], summary["add"]["graded"]) == (1, 4)
+    assert summary["add"]["most_common_failure"].startswith("not attempted yet")
+    assert summary["add"]["most_common_failure_count"] == 2  # the untouched learner and the cheat
+    report = grade.html_report(grades)
+    assert report.index(">answer<") < report.index(">add<") or summary["answer"]["passed"] >= summary["add"]["passed"]
+    assert "<script" not in report and "&lt;" not in report.split("<body>")[0]
 
 
 def test_bad_usage_exits_2(tmp_path):

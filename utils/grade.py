@@ -1,7 +1,7 @@
 """Grade learners' notebooks: run each in a fresh kernel, then run the chapter's checks (with hidden cases) on
 the answers the notebook left in that kernel.
 
-    python -m utils.grade NOTEBOOK... [--json FILE] [--csv FILE] [--timeout SECONDS] [--jobs N]
+    python -m utils.grade NOTEBOOK... [--json FILE] [--csv FILE] [--html FILE] [--timeout SECONDS] [--jobs N]
 
 How a grade is made, and why it is hard to fake:
   - the submission is copied into a fresh scratch folder and executed there (cwd = that folder), so nothing is
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import html
 import importlib
 import json
 import os
@@ -27,6 +28,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -278,11 +280,67 @@ def format_table(grade: NotebookGrade) -> str:
     return "\n".join(lines)
 
 
+def class_summary(grades: list[NotebookGrade]) -> list[dict]:
+    """Per exercise, in chapter order: how many notebooks passed it and its most common failure message."""
+    summary: dict[tuple[str, str, str], dict] = {}
+    for grade_ in grades:
+        for row in grade_.rows:
+            if not row.key:  # a row about a notebook that could not be graded at all
+                continue
+            entry = summary.setdefault((row.chapter, row.exercise, row.key), {
+                "chapter": row.chapter, "exercise": row.exercise, "key": row.key, "passed": 0, "graded": 0,
+                "failures": Counter()})
+            entry["graded"] += 1
+            entry["passed"] += row.passed
+            if not row.passed:
+                entry["failures"][row.message] += 1
+    out = []
+    for entry in summary.values():
+        failures = entry.pop("failures")
+        message, count = failures.most_common(1)[0] if failures else ("", 0)
+        out.append({**entry, "most_common_failure": message, "most_common_failure_count": count})
+    return out
+
+
+def html_report(grades: list[NotebookGrade]) -> str:
+    """A self-contained page: the class summary (hardest exercises first), then each learner's results."""
+    def cell(text) -> str:
+        return f"<td>{html.escape(str(text))}</td>"
+
+    summary = sorted(class_summary(grades), key=lambda entry: (entry["passed"] / entry["graded"], entry["chapter"],
+                                                               entry["exercise"]))
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Workbook grades</title><style>"
+             "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin-bottom:2em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             ".pass{background:#e6f4e6} .fail{background:#fbe9e9}</style></head><body>",
+             f"<h1>Grades: {len(grades)} notebook{'s' if len(grades) != 1 else ''}</h1>",
+             "<h2>Class summary (hardest first)</h2><table><tr><th>chapter</th><th>exercise</th><th>key</th>"
+             "<th>passed</th><th>most common failure</th></tr>"]
+    for entry in summary:
+        failure = (f"{entry['most_common_failure']} ({entry['most_common_failure_count']}×)"
+                   if entry["most_common_failure_count"] else "")
+        parts.append("<tr>" + cell(entry["chapter"]) + cell(entry["exercise"]) + cell(entry["key"])
+                     + cell(f"{entry['passed']}/{entry['graded']}") + cell(failure) + "</tr>")
+    parts.append("</table><h2>Learners</h2>")
+    for grade_ in grades:
+        parts.append(f"<h3>{html.escape(grade_.notebook)}: {grade_.points}/{grade_.max_points} points</h3>"
+                     "<table><tr><th>exercise</th><th>key</th><th>status</th><th>points</th><th>message</th></tr>")
+        for row in grade_.rows:
+            status = "passed" if row.passed else "failed"
+            parts.append(f"<tr class='{'pass' if row.passed else 'fail'}'>" + cell(row.exercise) + cell(row.key)
+                         + cell(status) + cell(f"{row.points}/{row.max_points}") + cell(row.message) + "</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.grade", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK")
     parser.add_argument("--json", metavar="FILE", type=Path, help="write every row as a JSON list")
     parser.add_argument("--csv", metavar="FILE", type=Path, help="write every row as CSV")
+    parser.add_argument("--html", metavar="FILE", type=Path,
+                        help="write a report: class summary (hardest exercises first), then each learner's results")
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"per cell and per check (default {DEFAULT_TIMEOUT})")
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks graded in parallel")
@@ -306,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows(grades))
+    if args.html:
+        args.html.write_text(html_report(grades), encoding="utf-8")
     return 0
 
 
