@@ -188,7 +188,7 @@ def kl_finetune(model, lens: TunedLens, resid: Tensor, layers, steps: int, lr: f
 
 
 @torch.no_grad()
-def mean_kl_per_layer(model, resid: Tensor, lens_logits, kl=kl_from_final, chunk: int = 512,
+def mean_kl_per_layer(model, resid: Tensor, lens_logits, kl=kl_from_final, chunk: int = 256,
                       progress: bool = True, desc: str = "KL per layer") -> Tensor:
     """`[n_layers + 1]` mean over tokens of kl(final, lens_logits(h, layer)).
 
