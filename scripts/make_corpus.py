@@ -6,9 +6,11 @@ pairs are shuffled with the seed and generated in batches until the cleaned docu
 trimmed to their last full sentence when cut off, deduplicated, and dropped when degenerate (too short,
 repetitive, or a refusal). See data/README.md for the provenance of the committed file.
 
-Run from the repository root (CPU, 2 threads, about 20 minutes):
+Run from the repository root (CPU, one thread; it took 32 minutes on a busy 2-core machine, BENCHMARKS.md):
 
     PYTHONPATH=. python scripts/make_corpus.py --out data/corpus.jsonl.gz --target-tokens 220000 --seed 0
+
+The committed file was made with the defaults below (batch size 128, top-k 200, top-p 0.95, temperature 0.8).
 """
 
 from __future__ import annotations
