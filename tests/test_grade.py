@@ -238,7 +238,8 @@ def test_real_chapters_round_trip():
 def test_parallel_kernels_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
     """Two kernels each running torch on every core slow each other down several times over."""
     seen = []
-    monkeypatch.setattr(grade, "grade_notebook", lambda path, timeout, module, threads=None: seen.append(threads))
+    monkeypatch.setattr(grade, "grade_notebook",
+                        lambda path, timeout, module, threads=None, chapter=None: seen.append(threads))
     monkeypatch.setattr(grade.os, "cpu_count", lambda: 4)
     grade.grade_all(["a.ipynb", "b.ipynb"], jobs=2)
     assert seen == [2, 2]
@@ -258,3 +259,25 @@ def test_parallel_kernels_share_the_cores_instead_of_oversubscribing_them(monkey
     monkeypatch.setattr(grade, "Kernel", RecordingKernel)
     problem = grade._run(None, Path("."), Path("."), "99", CHECKS, 5, 1, threads=3)[2]
     assert "stop here" in problem and environments[0]["OMP_NUM_THREADS"] == "3"
+
+
+def test_wrong_chapter_and_old_nbformat(tmp_path):
+    """A notebook of another chapter is named as such; an nbformat-3 notebook is converted and graded."""
+    solution = tmp_path / "course"
+    (solution / "solutions").mkdir(parents=True)
+    shutil.copy(FIXTURE, solution / "solutions")
+    assert build.build(solution) == 0
+    built = read(solution / "solutions" / FIXTURE.name)
+    [wrong] = grade.grade_all([solution / "solutions" / FIXTURE.name], checks_module=CHECKS,
+                              expected_chapter="01")
+    assert wrong.points == 0 and "this is the notebook of chapter 99, but chapter 01 was asked for" in \
+        wrong.rows[0].message
+    old = tmp_path / "old" / "99_demo.ipynb"
+    old.parent.mkdir()
+    old.write_text(nbformat.writes(nbformat.convert(built, 3)), encoding="utf-8")
+    assert '"nbformat": 3' in old.read_text()
+    [graded_old] = grade.grade_all([old], timeout=GENEROUS, checks_module=CHECKS, expected_chapter="99")
+    assert (graded_old.points, graded_old.max_points) == (3, 3), graded_old.rows
+    result = subprocess.run([sys.executable, "-m", "utils.grade", str(old), "--chapter", "1"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--chapter takes two digits" in result.stderr

@@ -2,6 +2,7 @@
 the answers the notebook left in that kernel.
 
     python -m utils.grade NOTEBOOK... [--json FILE] [--csv FILE] [--html FILE] [--timeout SECONDS] [--jobs N]
+                                     [--chapter NN]
 
 How a grade is made, and why it is hard to fake:
   - the submission is copied into a fresh scratch folder and executed there (cwd = that folder), so nothing is
@@ -142,11 +143,12 @@ def _notebook_row(label: str, chapter: str, message: str, max_points: int = 0) -
 
 
 def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_module: str | None = None,
-                   threads: int | None = None) -> NotebookGrade:
+                   threads: int | None = None, expected_chapter: str | None = None) -> NotebookGrade:
     """Grade one notebook; never raises for a problem with the notebook (that becomes a row).
 
     checks_module: the module that registers the chapter's checks (default `utils.checks.chNN`); tests pass a
     fixture module instead. threads: CPU threads for the kernel's torch (default: torch's own choice).
+    expected_chapter: "NN"; a notebook of another chapter is not run, and its row says so.
     """
     label, path = str(path), Path(path)
     try:
@@ -161,6 +163,10 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_modu
         return NotebookGrade(label, "", [_notebook_row(
             label, "", "not graded: cannot tell which chapter this is (no `workbook.chapter` in the notebook "
                        "metadata and the file name does not start with `NN_`).")])
+    if expected_chapter is not None and chapter != expected_chapter:
+        return NotebookGrade(label, chapter, [_notebook_row(
+            label, chapter, f"not graded: this is the notebook of chapter {chapter}, but chapter {expected_chapter} "
+                            f"was asked for (--chapter {expected_chapter}). Was the wrong file handed in?")])
     module = checks_module or f"utils.checks.ch{chapter}"
     try:
         exercises = chapter_exercises(chapter, checks_module)
@@ -241,16 +247,17 @@ def _parse(grading_cell, nonce: str):
 
 
 def grade_all(paths: list[str | Path], timeout: int = DEFAULT_TIMEOUT, jobs: int = 1,
-              checks_module: str | None = None) -> list[NotebookGrade]:
+              checks_module: str | None = None, expected_chapter: str | None = None) -> list[NotebookGrade]:
     """Grade notebooks, `jobs` at a time, in input order. The work is in the kernels (one process each), so a
     thread per notebook is enough to drive them, and needs no `if __name__ == "__main__"` guard in the caller."""
     if jobs <= 1 or len(paths) <= 1:
-        return [grade_notebook(path, timeout, checks_module) for path in paths]
+        return [grade_notebook(path, timeout, checks_module, None, expected_chapter) for path in paths]
     # Kernels that together ask for more threads than there are cores slow each other down several times over
     # (their thread pools spin waiting for each other), so each kernel gets its share of the cores.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(grade_notebook, paths, repeat(timeout), repeat(checks_module), repeat(threads)))
+        return list(pool.map(grade_notebook, paths, repeat(timeout), repeat(checks_module), repeat(threads),
+                             repeat(expected_chapter)))
 
 
 def rows(grades: list[NotebookGrade]) -> list[dict]:
@@ -344,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"per cell and per check (default {DEFAULT_TIMEOUT})")
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks graded in parallel")
+    parser.add_argument("--chapter", metavar="NN", help="the chapter being graded: a notebook of another chapter "
+                                                       "gets a row saying so instead of a grade")
     parser.add_argument("--checks-module", help=argparse.SUPPRESS)  # tests: a fixture module instead of chNN
     args = parser.parse_args(argv)
     for notebook in args.notebooks:
@@ -351,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no such notebook: {notebook}")
     if args.timeout < 1 or args.jobs < 1:
         parser.error("--timeout and --jobs must be at least 1")
+    if args.chapter is not None and not re.fullmatch(r"\d\d", args.chapter):
+        parser.error(f"--chapter takes two digits, e.g. --chapter 01 (got {args.chapter!r})")
 
-    grades = grade_all(args.notebooks, args.timeout, args.jobs, args.checks_module)
+    grades = grade_all(args.notebooks, args.timeout, args.jobs, args.checks_module, args.chapter)
     for grade in grades:
         print(format_table(grade), end="\n\n")
     if len(grades) > 1:
