@@ -142,10 +142,21 @@ def test_timed_out_cell_is_interrupted_and_later_cells_still_graded(graded):
     assert timed_out.points == 3  # `answer` is defined in the cell after the infinite loop
 
 
-def test_kernel_death_fails_every_exercise_and_says_where(graded):
+def test_a_cell_that_kills_the_kernel_is_skipped_and_the_rest_graded(graded):
     dies = graded[0]["dies"]
-    assert dies.points == 0 and len(dies.rows) == 2
-    assert all(row.message == "not graded: the kernel died while running cell 9" for row in dies.rows)
+    assert (dies.points, dies.max_points) == (3, 3)
+    assert [(run.index + 1, run.status, run.evalue) for run in dies.failed_cells] == [(9, "died", "crashed the kernel")]
+    assert "killed the kernel (skipped): 9" in grade.format_table(dies)
+
+
+def test_a_cell_that_allocates_without_bound_is_killed_and_the_rest_graded(notebooks, tmp_path):
+    hog = variant(notebooks["solution"], tmp_path / "hog" / "99_demo.ipynb", insert={
+        "demo-07": "hog = []\nwhile True:\n    hog.append(bytearray(50 * 2**20))"})
+    [graded_hog] = grade.grade_all([hog], timeout=GENEROUS, checks_module=CHECKS, memory_gb=1.5)
+    assert (graded_hog.points, graded_hog.max_points) == (3, 3), graded_hog.rows
+    [killed] = graded_hog.failed_cells
+    assert killed.status == "died" and killed.evalue == "used more than 1.5 GiB of memory"
+    assert "cells that killed the kernel (skipped): 8" in grade.format_table(graded_hog)
 
 
 def test_check_that_hangs_on_a_hidden_case_fails_alone_and_a_missing_answer_is_named(graded):
@@ -239,7 +250,7 @@ def test_parallel_kernels_share_the_cores_instead_of_oversubscribing_them(monkey
     """Two kernels each running torch on every core slow each other down several times over."""
     seen = []
     monkeypatch.setattr(grade, "grade_notebook",
-                        lambda path, timeout, module, threads=None, chapter=None: seen.append(threads))
+                        lambda path, timeout, module, threads=None, *rest: seen.append(threads))
     monkeypatch.setattr(grade.os, "cpu_count", lambda: 4)
     grade.grade_all(["a.ipynb", "b.ipynb"], jobs=2)
     assert seen == [2, 2]

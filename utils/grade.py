@@ -2,7 +2,7 @@
 the answers the notebook left in that kernel.
 
     python -m utils.grade NOTEBOOK... [--json FILE] [--csv FILE] [--html FILE] [--timeout SECONDS] [--jobs N]
-                                     [--chapter NN]
+                                     [--chapter NN] [--memory-gb GB]
 
 How a grade is made, and why it is hard to fake:
   - the submission is copied into a fresh scratch folder and executed there (cwd = that folder), so nothing is
@@ -26,9 +26,11 @@ import json
 import os
 import re
 import secrets
+import signal
 import shutil
 import sys
 import tempfile
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ import nbformat
 from utils.notebooks import ROOT, CellRun, DeadKernelError, Kernel, kernel_env, read
 
 DEFAULT_TIMEOUT = 300  # seconds per cell, and per check
+DEFAULT_MEMORY_GB = 8.0  # per kernel; every solution notebook stays under 4 GB
+MAX_KERNEL_RESTARTS = 3  # cells that kill the kernel, skipped one by one before the grader gives up
 COLUMNS = ["notebook", "chapter", "exercise", "key", "passed", "points", "max_points", "message"]
 
 
@@ -143,12 +147,14 @@ def _notebook_row(label: str, chapter: str, message: str, max_points: int = 0) -
 
 
 def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_module: str | None = None,
-                   threads: int | None = None, expected_chapter: str | None = None) -> NotebookGrade:
+                   threads: int | None = None, expected_chapter: str | None = None,
+                   memory_gb: float = DEFAULT_MEMORY_GB) -> NotebookGrade:
     """Grade one notebook; never raises for a problem with the notebook (that becomes a row).
 
     checks_module: the module that registers the chapter's checks (default `utils.checks.chNN`); tests pass a
     fixture module instead. threads: CPU threads for the kernel's torch (default: torch's own choice).
     expected_chapter: "NN"; a notebook of another chapter is not run, and its row says so.
+    memory_gb: a cell whose kernel grows past this is killed and skipped; the rest of the notebook is graded.
     """
     label, path = str(path), Path(path)
     try:
@@ -185,49 +191,99 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_modu
         work.mkdir()
         shutil.copyfile(path, work / path.name)
         failed, results, problem = _run(nb, work, Path(scratch) / "ipython", chapter, module, timeout, len(exercises),
-                                       threads)
+                                       threads, int(memory_gb * 2**30))
 
     rows = []
+    died = " ".join(f"Cell {run.index + 1} {run.evalue} and was skipped." for run in failed if run.status == "died")
     for exercise in exercises:
         passed, message = results.get(exercise.key, (False, problem or "no result from the checks"))
+        if died and not passed:
+            message = f"{message} ({died})"
         rows.append(Row(label, chapter, exercise.number, exercise.key, passed, exercise.points if passed else 0,
                         exercise.points, message))
     return NotebookGrade(label, chapter, rows, failed)
 
 
+class MemoryWatchdog:
+    """Kills the kernel (process `pid`) once its resident memory passes `limit` bytes; polls from a thread."""
+
+    def __init__(self, pid: int | None, limit: int | None, every: float = 0.1):
+        self.pid, self.limit, self.every = pid, limit, every
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "MemoryWatchdog":
+        if self.pid and self.limit:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
+        while not self._stop.wait(self.every):
+            try:
+                kib = int(re.search(r"VmRSS:\s+(\d+)", status.read_text()).group(1))
+            except (OSError, AttributeError, ValueError):  # no /proc (not Linux) or the kernel has gone
+                return
+            if kib * 1024 > self.limit:
+                self.fired = True
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                return
+
+
 def _run(nb, work: Path, ipython_dir: Path, chapter: str, module: str, timeout: int, n_checks: int,
-         threads: int | None = None):
-    """Execute the notebook, then the grading cell. Returns (failed cells, {key: (passed, message)}, problem)."""
+         threads: int | None = None, memory_limit: int | None = None):
+    """Execute the notebook, then the grading cell. Returns (failed cells, {key: (passed, message)}, problem).
+
+    A cell that kills the kernel (it used more than `memory_limit` bytes, or crashed the process) is recorded,
+    and the notebook is run again in a fresh kernel without it, so the other exercises are still graded.
+    """
     env = kernel_env(WORKBOOK_ROOT=str(ROOT), IPYTHONDIR=str(ipython_dir))  # no learner startup files, no history
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch reads it at import
-    kernel = Kernel(nb, cwd=work, timeout=timeout, allow_errors=True, env=env)
     failed: list[CellRun] = []
-    index = -1
-    try:
-        with kernel.started():
-            for index, cell in enumerate(nb.cells):
-                if cell.cell_type != "code":
-                    continue
-                run = kernel.run_cell(index)
-                if run.status != "ok":
-                    failed.append(run)
-                if run.status == "timeout" and not kernel.responsive():
-                    return failed, {}, (f"not graded: cell {index + 1} ran past {timeout} s and the kernel did not "
-                                        f"respond to the interrupt")
-            nonce = secrets.token_hex(16)
-            call = f"\n_workbook_grade({nonce!r}, {chapter!r}, {module!r}, {timeout!r}, globals())\ndel _workbook_grade"
-            index = len(nb.cells)
-            # each check has its own alarm inside; this limit is only for a kernel that stops responding
-            run, grading = kernel.run_extra(GRADING_CELL + call, timeout * (n_checks + 1) + 60)
-    except DeadKernelError:
-        where = f"cell {index + 1}" if index < len(nb.cells) else "the checks"
-        return failed, {}, f"not graded: the kernel died while running {where}"
-    except Exception as error:  # e.g. the kernel would not start
-        return failed, {}, f"not graded: the grader could not run the notebook ({type(error).__name__}: {error})"
-    if run.status == "timeout":
-        return failed, {}, "not graded: the checks stopped responding"
-    return failed, *_parse(grading, nonce)
+    skipped: set[int] = set()
+    for _ in range(MAX_KERNEL_RESTARTS + 1):
+        kernel = Kernel(nb, cwd=work, timeout=timeout, allow_errors=True, env=env)
+        index, watchdog = -1, None
+        failed = [run for run in failed if run.status == "died"]  # a rerun records the others afresh
+        try:
+            with kernel.started(), MemoryWatchdog(kernel.pid, memory_limit) as watchdog:
+                for index, cell in enumerate(nb.cells):
+                    if cell.cell_type != "code" or index in skipped:
+                        continue
+                    run = kernel.run_cell(index)
+                    if run.status != "ok":
+                        failed.append(run)
+                    if run.status == "timeout" and not kernel.responsive():
+                        return failed, {}, (f"not graded: cell {index + 1} ran past {timeout} s and the kernel did "
+                                            f"not respond to the interrupt")
+                nonce = secrets.token_hex(16)
+                call = (f"\n_workbook_grade({nonce!r}, {chapter!r}, {module!r}, {timeout!r}, globals())\n"
+                        f"del _workbook_grade")
+                index = len(nb.cells)
+                # each check has its own alarm inside; this limit is only for a kernel that stops responding
+                run, grading = kernel.run_extra(GRADING_CELL + call, timeout * (n_checks + 1) + 60)
+        except DeadKernelError:
+            why = (f"used more than {memory_limit / 2**30:.1f} GiB of memory" if watchdog and watchdog.fired
+                   else "crashed the kernel")
+            if index >= len(nb.cells):
+                return failed, {}, f"not graded: the checks {why}"
+            failed.append(CellRun(index, "died", "KernelDied", why))
+            skipped.add(index)
+            continue
+        except Exception as error:  # e.g. the kernel would not start
+            return failed, {}, f"not graded: the grader could not run the notebook ({type(error).__name__}: {error})"
+        if run.status == "timeout":
+            return failed, {}, "not graded: the checks stopped responding"
+        return sorted(failed, key=lambda run: run.index), *_parse(grading, nonce)
+    return failed, {}, f"not graded: the kernel died {MAX_KERNEL_RESTARTS + 1} times"
 
 
 def _parse(grading_cell, nonce: str):
@@ -247,17 +303,18 @@ def _parse(grading_cell, nonce: str):
 
 
 def grade_all(paths: list[str | Path], timeout: int = DEFAULT_TIMEOUT, jobs: int = 1,
-              checks_module: str | None = None, expected_chapter: str | None = None) -> list[NotebookGrade]:
+              checks_module: str | None = None, expected_chapter: str | None = None,
+              memory_gb: float = DEFAULT_MEMORY_GB) -> list[NotebookGrade]:
     """Grade notebooks, `jobs` at a time, in input order. The work is in the kernels (one process each), so a
     thread per notebook is enough to drive them, and needs no `if __name__ == "__main__"` guard in the caller."""
     if jobs <= 1 or len(paths) <= 1:
-        return [grade_notebook(path, timeout, checks_module, None, expected_chapter) for path in paths]
+        return [grade_notebook(path, timeout, checks_module, None, expected_chapter, memory_gb) for path in paths]
     # Kernels that together ask for more threads than there are cores slow each other down several times over
     # (their thread pools spin waiting for each other), so each kernel gets its share of the cores.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(grade_notebook, paths, repeat(timeout), repeat(checks_module), repeat(threads),
-                             repeat(expected_chapter)))
+                             repeat(expected_chapter), repeat(memory_gb)))
 
 
 def rows(grades: list[NotebookGrade]) -> list[dict]:
@@ -280,9 +337,11 @@ def format_table(grade: NotebookGrade) -> str:
                       for line in table]
     raised = [str(run.index + 1) for run in grade.failed_cells if run.status == "error"]
     timed_out = [str(run.index + 1) for run in grade.failed_cells if run.status == "timeout"]
-    if raised or timed_out:
+    killed = [str(run.index + 1) for run in grade.failed_cells if run.status == "died"]
+    if raised or timed_out or killed:
         lines.append("  cells that " + " · ".join(filter(None, [
-            raised and f"raised an error: {', '.join(raised)}", timed_out and f"timed out: {', '.join(timed_out)}"])))
+            raised and f"raised an error: {', '.join(raised)}", timed_out and f"timed out: {', '.join(timed_out)}",
+            killed and f"killed the kernel (skipped): {', '.join(killed)}"])))
     lines.append(f"  total: {grade.points}/{grade.max_points}")
     return "\n".join(lines)
 
@@ -351,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"per cell and per check (default {DEFAULT_TIMEOUT})")
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks graded in parallel")
+    parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
+                        help=f"per notebook: a cell that grows the kernel past this is killed and skipped, and the "
+                             f"rest is graded (default {DEFAULT_MEMORY_GB:g})")
     parser.add_argument("--chapter", metavar="NN", help="the chapter being graded: a notebook of another chapter "
                                                        "gets a row saying so instead of a grade")
     parser.add_argument("--checks-module", help=argparse.SUPPRESS)  # tests: a fixture module instead of chNN
@@ -358,12 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     for notebook in args.notebooks:
         if not Path(notebook).is_file():
             parser.error(f"no such notebook: {notebook}")
-    if args.timeout < 1 or args.jobs < 1:
-        parser.error("--timeout and --jobs must be at least 1")
+    if args.timeout < 1 or args.jobs < 1 or args.memory_gb <= 0:
+        parser.error("--timeout and --jobs must be at least 1, and --memory-gb positive")
     if args.chapter is not None and not re.fullmatch(r"\d\d", args.chapter):
         parser.error(f"--chapter takes two digits, e.g. --chapter 01 (got {args.chapter!r})")
 
-    grades = grade_all(args.notebooks, args.timeout, args.jobs, args.checks_module, args.chapter)
+    grades = grade_all(args.notebooks, args.timeout, args.jobs, args.checks_module, args.chapter, args.memory_gb)
     for grade in grades:
         print(format_table(grade), end="\n\n")
     if len(grades) > 1:

@@ -60,7 +60,7 @@ def kernel_env(**overrides: str) -> dict[str, str]:
 @dataclass
 class CellRun:
     index: int  # position in the notebook, 0-based; people see index + 1
-    status: str  # "ok", "error" or "timeout"
+    status: str  # "ok", "error", "timeout", or "died" (the grader: the cell killed the kernel)
     ename: str = ""
     evalue: str = ""
 
