@@ -5,7 +5,8 @@ Offline default: SmolLM2-135M-Instruct, read from the GGUF file that ships insid
 every later load reads that cache (about 2 s).
 
 Convention for tokens: every prompt starts with the BOS token. `model.to_tokens(text)` prepends it (for
-SmolLM2 that is `<|im_start|>`); the raw HuggingFace tokenizer does not. Use `model.to_tokens` and
+SmolLM2 that is `<|im_start|>`), and so does the bridge's `model.tokenizer(text)`; the plain HuggingFace
+tokenizer from `load_hf_smollm2()` does not. Use `model.to_tokens` and
 `model.to_str_tokens` everywhere so positions in caches line up with what you see.
 """
 
