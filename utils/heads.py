@@ -89,3 +89,25 @@ def composition_score(W_A: torch.Tensor, W_B: torch.Tensor) -> torch.Tensor:
     """||W_A W_B||_F / (||W_A||_F ||W_B||_F), batched over any leading dimensions."""
     product = W_A @ W_B
     return product.norm(dim=(-2, -1)) / (W_A.norm(dim=(-2, -1)) * W_B.norm(dim=(-2, -1)))
+
+
+def toy_induction_batch(step: int, batch: int = 32, n_ctx: int = 64, d_vocab: int = 500, seed: int = 0,
+                        fixed: bool = False, min_len: int = 8) -> torch.Tensor:
+    """[batch, n_ctx] training tokens for chapter 02's toy: BOS (token 0), then in each row one segment of random
+    tokens from [1, d_vocab), repeated over and over until the context is full.
+
+    The segment's length (min_len .. (n_ctx - 1) // 2) is drawn per row, so a repeated token is a different
+    distance back in every row. `fixed=True` is the version that fools you: the segment is always
+    (n_ctx - 1) // 2 tokens long, so every repeated token is the same distance back and a head can find it by
+    position alone. The same (step, seed) gives the same batch.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    tokens = torch.empty(batch, n_ctx, dtype=torch.long)
+    tokens[:, 0] = 0
+    for row in range(batch):
+        length = (n_ctx - 1) // 2
+        if not fixed:
+            length = int(torch.randint(min_len, length + 1, (1,), generator=generator))
+        segment = torch.randint(1, d_vocab, (length,), generator=generator)
+        tokens[row, 1:] = segment.repeat(n_ctx // length + 1)[:n_ctx - 1]
+    return tokens
