@@ -9,29 +9,11 @@ import torch
 from utils import lens
 from utils.checking import run_check
 from utils.checks import ch01
+from tests.check_helpers import passes as _passes, rejected as _rejected, stub as _stub
 
 
 def _entry(check):
     return check.exercise
-
-
-def _passes(check, answer):
-    result = run_check(_entry(check), answer, hidden=True)
-    assert result.passed, result.message
-    return result
-
-
-def _rejected(check, answer, *fragments):
-    result = run_check(_entry(check), answer, hidden=True)
-    assert not result.passed, f"a wrong answer passed: {result.message}"
-    assert not result.message.startswith("not attempted"), result.message
-    for fragment in fragments:
-        assert fragment.lower() in result.message.lower(), result.message
-    return result
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError("Exercise: write your code here")
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,7 @@ import torch
 from utils import heads
 from utils.checking import run_check
 from utils.checks import ch02
-
-
-def _passes(check, answer):
-    result = run_check(check.exercise, answer, hidden=True)
-    assert result.passed, result.message
-    return result
-
-
-def _rejected(check, answer, *fragments):
-    result = run_check(check.exercise, answer, hidden=True)
-    assert not result.passed, f"a wrong answer passed: {result.message}"
-    assert not result.message.startswith("not attempted"), result.message
-    for fragment in fragments:
-        assert fragment.lower() in result.message.lower(), result.message
-    return result
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError("Exercise: write your code here")
+from tests.check_helpers import passes as _passes, rejected as _rejected, stub as _stub
 
 
 ALL_CHECKS = [ch02.repeated_tokens, ch02.repeat_losses, ch02.previous_token_scores, ch02.duplicate_token_scores,

@@ -10,23 +10,7 @@ from utils import ablation
 from utils.checking import run_check
 from utils.checks import ch03
 from utils.lens import rms
-
-
-def _passes(check, answer):
-    result = run_check(check.exercise, answer, hidden=True)
-    assert result.passed, result.message
-
-
-def _rejected(check, answer, *fragments):
-    result = run_check(check.exercise, answer, hidden=True)
-    assert not result.passed, f"a wrong answer passed: {result.message}"
-    assert not result.message.startswith("not attempted"), result.message
-    for fragment in fragments:
-        assert fragment.lower() in result.message.lower(), result.message
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError("Exercise: write your code here")
+from tests.check_helpers import passes as _passes, rejected as _rejected, stub as _stub
 
 
 ALL_CHECKS = [ch03.logit_diff_metric, ch03.mean_ablation_hook, ch03.resample_ablation_hook, ch03.head_direct_effect]
