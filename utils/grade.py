@@ -322,6 +322,18 @@ def rows(grades: list[NotebookGrade]) -> list[dict]:
     return [dataclasses.asdict(row) for grade in grades for row in grade.rows]
 
 
+def csv_rows(grades: list[NotebookGrade]) -> list[dict]:
+    """Each notebook's rows followed by its total: a row with exercise "total" and the points summed."""
+    out = []
+    for grade_ in grades:
+        out += [dataclasses.asdict(row) for row in grade_.rows]
+        out.append({"notebook": grade_.notebook, "chapter": grade_.chapter, "exercise": "total", "key": "",
+                    "passed": grade_.max_points > 0 and grade_.points == grade_.max_points,
+                    "points": grade_.points, "max_points": grade_.max_points,
+                    "message": f"{grade_.points}/{grade_.max_points} points"})
+    return out
+
+
 def _short(message: str, width: int = 90) -> str:
     message = " ".join(message.split())
     return message if len(message) <= width else message[:width - 1] + "…"
@@ -404,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.grade", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK")
     parser.add_argument("--json", metavar="FILE", type=Path, help="write every row as a JSON list")
-    parser.add_argument("--csv", metavar="FILE", type=Path, help="write every row as CSV")
+    parser.add_argument("--csv", metavar="FILE", type=Path,
+                        help="write every row as CSV, with a total row (exercise 'total') after each notebook")
     parser.add_argument("--html", metavar="FILE", type=Path,
                         help="write a report: class summary (hardest exercises first), then each learner's results")
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -436,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         with args.csv.open("w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(rows(grades))
+            writer.writerows(csv_rows(grades))
     if args.html:
         args.html.write_text(html_report(grades), encoding="utf-8")
     return 0
