@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils import bench, build
+from utils import bench, build, colab
 from utils.colab import setup_cell_source
 from utils.notebooks import ROOT, read
 
@@ -213,3 +213,18 @@ def test_real_repository_is_up_to_date():
     result = subprocess.run([sys.executable, "-m", "utils.build", "--check"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_colab_links_follow_repo_url(root, capsys):
+    """A fork edits REPO_URL in utils/colab.py; the build points the README's Colab badges at the fork."""
+    link = "https://colab.research.google.com/github/someone/old-fork/blob/main/chapters/00_x.ipynb"
+    readme = root / "README.md"
+    readme.write_text(f"| 00 | [![Open In Colab](badge.svg)]({link}) |\n", encoding="utf-8")
+    assert build.build(root, check=True) == 1
+    assert "README.md (its Colab links do not point at REPO_URL" in capsys.readouterr().out
+    assert "old-fork" in readme.read_text(encoding="utf-8")  # --check changes nothing
+    assert build.build(root) == 0
+    expected = colab.COLAB_LINK_PREFIX + "chapters/00_x.ipynb"
+    assert readme.read_text(encoding="utf-8") == f"| 00 | [![Open In Colab](badge.svg)]({expected}) |\n"
+    assert expected.startswith("https://colab.research.google.com/github/" + colab.REPO_URL.split("github.com/")[1])
+    assert build.build(root, check=True) == 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
 
-from utils.colab import setup_cell_source
+from utils.colab import COLAB_LINK_PREFIX, setup_cell_source
 from utils.notebooks import ROOT, Kernel, describe_cell, dumps, kernel_env, read, tags, write_if_changed
 
 LARGE = 100 * 1024  # bytes; bigger outputs stay out of git
@@ -227,6 +227,14 @@ def build_texts(solution: Path, root: Path = ROOT) -> tuple[str, str]:
     return dumps(nb), dumps(learner_version(nb, where))
 
 
+COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/")
+
+
+def readme_with_colab_links(text: str) -> str:
+    """The README with every "Open in Colab" link pointing at REPO_URL (utils/colab.py), so a fork edits one line."""
+    return COLAB_LINK.sub(COLAB_LINK_PREFIX, text)
+
+
 def build(root: Path = ROOT, check: bool = False) -> int:
     """Write (or with check=True, only compare) every solution and chapter. Prints what it did; returns 0 or 1."""
     expected: dict[Path, str] = {}
@@ -236,6 +244,9 @@ def build(root: Path = ROOT, check: bool = False) -> int:
             expected[solution], expected[root / "chapters" / solution.name] = build_texts(solution, root)
         except BuildError as error:
             errors.append(str(error))
+    readme = root / "README.md"
+    if readme.exists():
+        expected[readme] = readme_with_colab_links(readme.read_text(encoding="utf-8"))
     orphans = [path for path in sorted((root / "chapters").glob("*.ipynb"))
                if not (root / "solutions" / path.name).exists()]
     for message in errors:
@@ -245,8 +256,9 @@ def build(root: Path = ROOT, check: bool = False) -> int:
                if not path.exists() or path.read_text(encoding="utf-8") != text]
     if check:
         for path in changed:
-            why = "missing" if not path.exists() else "out of date" if path.parent.name == "chapters" else \
-                "the build would update its setup cell, large outputs or metadata"
+            why = ("missing" if not path.exists() else "its Colab links do not point at REPO_URL in utils/colab.py"
+                   if path.name == "README.md" else "out of date" if path.parent.name == "chapters" else
+                   "the build would update its setup cell, large outputs or metadata")
             print(f"stale: {_where(path, root)} ({why})")
         for path in orphans:
             print(f"stale: {_where(path, root)} (no solutions/{path.name} to build it from)")

@@ -10,6 +10,9 @@ on `sys.path`; it installs nothing.
 
 REPO_URL = "https://github.com/mi-workbook/mi-workbook"
 COLAB_CHECKOUT = "/content/mi-workbook"
+# The README's "Open in Colab" links point here; `python -m utils.build` rewrites them from REPO_URL.
+COLAB_LINK_PREFIX = ("https://colab.research.google.com/github/" + REPO_URL.removeprefix("https://github.com/")
+                     + "/blob/main/")
 # Everything in requirements.txt that Colab does not already have, pinned the same way; never torch.
 COLAB_PACKAGES = [
     "transformer-lens==4.3.0",
