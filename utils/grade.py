@@ -197,11 +197,27 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_modu
     died = " ".join(f"Cell {run.index + 1} {run.evalue} and was skipped." for run in failed if run.status == "died")
     for exercise in exercises:
         passed, message = results.get(exercise.key, (False, problem or "no result from the checks"))
+        if not passed and "is not defined in your notebook" in message:
+            message = _why_undefined(nb, exercise.key, failed) or message
         if died and not passed:
             message = f"{message} ({died})"
         rows.append(Row(label, chapter, exercise.number, exercise.key, passed, exercise.points if passed else 0,
                         exercise.points, message))
     return NotebookGrade(label, chapter, rows, failed)
+
+
+def _why_undefined(nb, name: str, failed: list[CellRun]) -> str | None:
+    """When an answer is missing because the cell defining it failed (e.g. it was moved above the imports it
+    needs), say which cell and what it raised, instead of suggesting it was renamed."""
+    defines = re.compile(rf"^(def|class)\s+{re.escape(name)}\b|^{re.escape(name)}\s*(:[^=]*)?=[^=]", re.M)
+    for run in failed:
+        cell = nb.cells[run.index]
+        if cell.cell_type == "code" and defines.search(cell.source):
+            what = {"timeout": "ran past the time limit", "died": f"{run.evalue} and was skipped"}.get(
+                run.status, f"raised {run.ename}: {run.evalue}")
+            return (f"`{name}` is not defined: cell {run.index + 1}, which defines it, {what}. Run your notebook "
+                    f"top to bottom (Restart Kernel and Run All) and fix the first error.")
+    return None
 
 
 class MemoryWatchdog:
