@@ -12,13 +12,19 @@ replacing a head's `hook_z` slice replaces everything the head writes. Three rep
     effect = ablate_every_head(model, tokens, torch.zeros_like(z[:, :1]), readout)  # [n_layers, n_heads, batch, ...]
 
 `ablate_every_head` runs one forward pass per layer with one batch copy of the prompts per head (rows
-`h * batch ... (h + 1) * batch` ablate head `h`), starting at that layer's residual stream (`start_at_layer`: the
-earlier blocks are not affected by the ablation) and stopping at the last block's output, so the readout
-unembeds only the positions it needs.
+`h * batch ... (h + 1) * batch` ablate head `h`; several kinds of replacement, given as a dict, share the pass),
+starting at that layer's clean residual stream and stopping at the last block's output, so the readout unembeds
+only the positions it needs.
+
+Starting at a layer: TransformerLens 4's `start_at_layer` gives the right answer but still runs the earlier blocks
+(on the injected residual, then discards them), so a pass from layer 29 costs as much as a full one. `final_resid`
+therefore also turns the earlier blocks into pass-throughs for the duration of the call (`_skip_blocks`), which
+makes a pass from layer l cost (n_layers - l) blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -48,21 +54,45 @@ def head_z(model, tokens: Tensor) -> tuple[Tensor, Tensor]:
     return z, cache[final_name(model)]
 
 
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@contextlib.contextmanager
+def _skip_blocks(model, n_blocks: int):
+    """Blocks 0 .. n_blocks - 1 return their input unchanged while the context is open (their wrapped HuggingFace
+    layers' `forward` is shadowed on the instance, and the shadow removed on exit, even after an exception)."""
+    layers = [block.original_component for block in list(model.blocks)[:n_blocks]]
+    patched = []
+    try:
+        for layer in layers:
+            if "forward" in vars(layer):
+                raise RuntimeError("a block's forward is already patched; is another _skip_blocks still open?")
+            object.__setattr__(layer, "forward", _passthrough)
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            vars(layer).pop("forward", None)
+
+
 def final_resid(model, inputs: Tensor, fwd_hooks=(), start_at_layer: int | None = None) -> Tensor:
-    """`[batch, pos, d_model]`: the residual stream after the last block (before the final norm), with hooks."""
+    """`[batch, pos, d_model]`: the residual stream after the last block (before the final norm), with hooks.
+    With `start_at_layer=l`, `inputs` is the residual stream entering block l and blocks 0 .. l-1 are skipped."""
     grabbed = {}
 
     def grab(resid, hook):
         grabbed["resid"] = resid.detach().clone()
         raise _ReachedEnd
 
-    with torch.no_grad():
+    with torch.no_grad(), _skip_blocks(model, start_at_layer or 0):
         try:
             model.run_with_hooks(inputs, fwd_hooks=list(fwd_hooks) + [(final_name(model), grab)],
                                  start_at_layer=start_at_layer)
         except _ReachedEnd:
             pass
-    model.reset_hooks()
+        finally:
+            model.reset_hooks()
     return grabbed["resid"]
 
 
@@ -99,23 +129,29 @@ def repeat_loss_readout(model, tokens: Tensor, half_len: int) -> Callable[[Tenso
 
     def readout(final: Tensor) -> Tensor:
         resid = final[..., half_len + 1:2 * half_len, :]
-        log_probs = ((resid / rms(resid)) @ model.W_U + model.b_U).log_softmax(-1)
-        index = targets.expand(*log_probs.shape[:-1])[..., None]
-        return -log_probs.gather(-1, index)[..., 0].mean(-1)
+        logits = (resid / rms(resid)) @ model.W_U + model.b_U
+        index = targets.expand(*logits.shape[:-1])[..., None]
+        return (logits.logsumexp(-1) - logits.gather(-1, index)[..., 0]).mean(-1)
 
     return readout
 
 
-def ablate_every_head(model, tokens: Tensor, replacement: Tensor, readout: Callable[[Tensor], Tensor],
-                      layers=None, progress: bool = False, desc: str = "ablating heads") -> Tensor:
+def ablate_every_head(model, tokens: Tensor, replacement: Tensor | dict[str, Tensor],
+                      readout: Callable[[Tensor], Tensor], layers=None, progress: bool = False,
+                      desc: str = "ablating heads", resid: Tensor | None = None) -> Tensor | dict[str, Tensor]:
     """`[n_layers, n_heads, batch, ...]`: `readout` of the final residual when head (layer, head) is ablated.
 
     `replacement` is `[n_layers, batch or 1, pos, n_heads, d_head]`: the value each head's hook_z takes when it is
-    ablated (zeros, a per-position mean with batch 1, or donor activations with one row per prompt).
+    ablated (zeros, a per-position mean with batch 1, or donor activations with one row per prompt). A dict of such
+    tensors (e.g. {"zero": ..., "mean": ..., "resample": ...}) runs them all in the same passes and returns a dict
+    of results. `resid` (`resid_pre(model, tokens)`) may be passed to reuse a clean run.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     batch = tokens.shape[0]
-    resid = resid_pre(model, tokens)
+    single = not isinstance(replacement, dict)
+    replacements = {"": replacement} if single else dict(replacement)
+    n_kinds = len(replacements)
+    resid = resid_pre(model, tokens) if resid is None else resid
     layers = range(n_layers) if layers is None else layers
     if progress:
         from tqdm.auto import tqdm
@@ -123,17 +159,22 @@ def ablate_every_head(model, tokens: Tensor, replacement: Tensor, readout: Calla
         layers = tqdm(layers, desc=desc)
     rows = {}
     for layer in layers:
-        value = replacement[layer]
+        values = [value[layer] for value in replacements.values()]
 
-        def hook(z, hook, value=value):
-            for head in range(n_heads):
-                z[head * batch:(head + 1) * batch, :, head] = value[..., head, :]
+        def hook(z, hook, values=values):
+            for k, value in enumerate(values):
+                for head in range(n_heads):
+                    start = (k * n_heads + head) * batch
+                    z[start:start + batch, :, head] = value[..., head, :]
             return z
 
-        inputs = resid[layer].repeat(n_heads, 1, 1)
+        inputs = resid[layer].repeat(n_kinds * n_heads, 1, 1)
         final = final_resid(model, inputs, [(z_name(layer), hook)], start_at_layer=layer)
-        rows[layer] = readout(final.view(n_heads, batch, *final.shape[1:]))
-    return torch.stack([rows[layer] for layer in sorted(rows)])
+        rows[layer] = readout(final.view(n_kinds, n_heads, batch, *final.shape[1:]))
+    stacked = torch.stack([rows[layer] for layer in sorted(rows)], dim=1)  # [kind, layer, head, batch, ...]
+    if single:
+        return stacked[0]
+    return {kind: stacked[k] for k, kind in enumerate(replacements)}
 
 
 def mean_ablation_hook(reference_z: Tensor, head: int):
