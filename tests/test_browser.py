@@ -161,7 +161,8 @@ def test_chapter_in_jupyterlab(lab, browser, name):
     shots.mkdir(parents=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(f"{base}/lab/tree/{name}.ipynb?token={token}", timeout=120_000)
+        # A workspace of its own, reset, so the page shows this notebook only (not the previous test's tab).
+        page.goto(f"{base}/lab/workspaces/{name}/tree/{name}.ipynb?reset&token={token}", timeout=120_000)
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
                                "window.jupyterapp.shell.currentWidget.sessionContext && "
                                "window.jupyterapp.shell.currentWidget.sessionContext.session && "
@@ -169,24 +170,29 @@ def test_chapter_in_jupyterlab(lab, browser, name):
                                "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
                                timeout=120_000)
         page.screenshot(path=shots / "opened.png")
+        panel = page.locator(f"[id='{page.evaluate('() => window.jupyterapp.shell.currentWidget.id')}']")
+        assert panel.locator(".jp-Notebook").count() == 1
         state = _run_all_cells(page)
         page.screenshot(path=shots / "finished.png")
         assert not state["errors"], f"{name}: cells raised errors in JupyterLab: {state['errors']}"
 
-        _assert_check_cells_pass(page, name)
+        _assert_check_cells_pass(panel, name)
         if expect["plots"]:
-            _assert_plots_drawn(page, state["plotly"], shots)
+            _assert_plots_drawn(panel, state["plotly"], shots)
         if expect["attention_view"]:
-            _assert_attention_view_rendered(page, shots)
+            _assert_attention_view_rendered(page, panel, shots)
         if expect["slider"]:
-            _assert_slider_changes_output(page, expect["slider"], shots)
+            _assert_slider_changes_output(page, panel, expect["slider"], shots)
     finally:
-        page.close()
+        try:  # stop this notebook's kernel, so the next chapter has the cores to itself
+            page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+        finally:
+            page.close()
 
 
-def _assert_check_cells_pass(page, name: str) -> None:
+def _assert_check_cells_pass(panel, name: str) -> None:
     chapter = name[:2]
-    text = page.locator(".jp-Notebook").inner_text()
+    text = panel.locator(".jp-Notebook").inner_text()
     passes = set(re.findall(r"✅ Exercise (\d+\.\d+)", text))
     expected = {exercise.number for exercise in chapter_exercises(chapter).values()}
     assert expected, f"chapter {chapter} has no exercises registered"
@@ -194,9 +200,9 @@ def _assert_check_cells_pass(page, name: str) -> None:
     assert "❌" not in text, "a check cell shows a failure"
 
 
-def _assert_plots_drawn(page, n_plotly_outputs: int, shots: Path) -> None:
+def _assert_plots_drawn(panel, n_plotly_outputs: int, shots: Path) -> None:
     assert n_plotly_outputs > 0, "the notebook produced no plotly figure"
-    figures = page.locator(".jp-OutputArea .js-plotly-plot")
+    figures = panel.locator(".jp-OutputArea .js-plotly-plot")
     assert figures.count() == n_plotly_outputs, f"{n_plotly_outputs} figures sent, {figures.count()} drawn"
     for index in range(figures.count()):
         figure = figures.nth(index)
@@ -214,8 +220,8 @@ def _assert_plots_drawn(page, n_plotly_outputs: int, shots: Path) -> None:
             figure.screenshot(path=shots / f"figure_{index}.png")
 
 
-def _assert_attention_view_rendered(page, shots: Path) -> None:
-    views = page.locator(".jp-OutputArea [id^='circuits-vis']")
+def _assert_attention_view_rendered(page, panel, shots: Path) -> None:
+    views = panel.locator(".jp-OutputArea [id^='circuits-vis']")
     assert views.count() >= 1, "no circuitsvis output"
     view = views.first
     view.scroll_into_view_if_needed()
@@ -224,10 +230,12 @@ def _assert_attention_view_rendered(page, shots: Path) -> None:
     view.screenshot(path=shots / "attention_view.png")
 
 
-def _assert_slider_changes_output(page, description: str, shots: Path) -> None:
-    slider = page.locator(".widget-slider", has=page.locator("label", has_text=description)).first
+def _assert_slider_changes_output(page, panel, description: str, shots: Path) -> None:
+    # `has=` takes a locator relative to the element it filters, so these two are built from `page`.
+    labelled = page.locator(".widget-slider", has=page.locator("label", has_text=description))
+    widget = panel.locator(".widget-interact", has=labelled).first
+    slider = widget.locator(".widget-slider", has=page.locator("label", has_text=description)).first
     slider.scroll_into_view_if_needed()
-    widget = page.locator(".widget-interact", has=slider).first
     output = widget.locator(".widget-output")
     before = output.inner_text()
     readout = slider.locator(".widget-readout").inner_text().strip()
