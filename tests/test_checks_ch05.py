@@ -19,8 +19,10 @@ ALL_CHECKS = [ch05.subject_positions, ch05.corrupt_embeddings, ch05.restore_and_
 def model():
     from utils.models import load_model
 
+    previous = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
-    return load_model()
+    yield load_model()
+    torch.set_grad_enabled(previous)  # later test modules train models
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda check: check.__name__)

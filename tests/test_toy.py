@@ -27,6 +27,16 @@ def test_training_learns_a_repeated_sequence():
     assert [entry["step"] for entry in log] == [0, 100, 200, 299]
 
 
+def test_training_works_with_gradients_turned_off_globally():
+    model = build_toy(**SMALL, seed=0)
+    torch.set_grad_enabled(False)
+    try:
+        log = train(model, [torch.randint(0, 20, (4, 8))], steps=2, log_every=1)
+    finally:
+        torch.set_grad_enabled(True)
+    assert len(log) == 2  # without enable_grad inside train(), backward() raises here
+
+
 def test_callback_values_are_logged():
     model = build_toy(**SMALL, seed=0)
     log = train(model, [torch.randint(0, 20, (4, 8))], steps=3, log_every=1, callback=lambda step, m: {"twice": 2 * step})

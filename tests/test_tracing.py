@@ -15,8 +15,10 @@ PROMPT, SUBJECT, ANSWER = "The Eiffel Tower is in the city of", "The Eiffel Towe
 def model():
     from utils.models import load_model
 
+    previous = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
-    return load_model()
+    yield load_model()
+    torch.set_grad_enabled(previous)  # later test modules train models
 
 
 def test_subject_positions(model):

@@ -63,6 +63,11 @@ def train(model, batches: Iterable | Callable[[int], tuple], steps: int, lr: flo
     `batches(step)` returns `tokens` or `(tokens, mask)`; `callback(step, model)` may add measurements to the
     log every `log_every` steps (e.g. an induction score), so a chapter can plot them over training.
     """
+    with torch.enable_grad():  # a notebook may have turned gradients off globally
+        return _train(model, batches, steps, lr, weight_decay, log_every, callback, seed, desc)
+
+
+def _train(model, batches, steps, lr, weight_decay, log_every, callback, seed, desc) -> list[dict]:
     torch.manual_seed(seed)
     model.train()
     for parameter in model.parameters():
