@@ -342,7 +342,7 @@ def csv_rows(grades: list[NotebookGrade]) -> list[dict]:
     """Each notebook's rows followed by its total: a row with exercise "total" and the points summed."""
     out = []
     for grade_ in grades:
-        out += [dataclasses.asdict(row) for row in grade_.rows]
+        out += rows([grade_])
         out.append({"notebook": grade_.notebook, "chapter": grade_.chapter, "exercise": "total", "key": "",
                     "passed": grade_.max_points > 0 and grade_.points == grade_.max_points,
                     "points": grade_.points, "max_points": grade_.max_points,

@@ -55,6 +55,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
+@torch.enable_grad()  # a notebook may have turned gradients off globally
 def train(model, batches: Iterable | Callable[[int], tuple], steps: int, lr: float = 1e-3, weight_decay: float = 0.0,
           log_every: int = 50, callback: Callable[[int, object], dict] | None = None, seed: int = 0,
           desc: str = "training") -> list[dict]:
@@ -63,11 +64,6 @@ def train(model, batches: Iterable | Callable[[int], tuple], steps: int, lr: flo
     `batches(step)` returns `tokens` or `(tokens, mask)`; `callback(step, model)` may add measurements to the
     log every `log_every` steps (e.g. an induction score), so a chapter can plot them over training.
     """
-    with torch.enable_grad():  # a notebook may have turned gradients off globally
-        return _train(model, batches, steps, lr, weight_decay, log_every, callback, seed, desc)
-
-
-def _train(model, batches, steps, lr, weight_decay, log_every, callback, seed, desc) -> list[dict]:
     torch.manual_seed(seed)
     model.train()
     for parameter in model.parameters():
