@@ -1,6 +1,6 @@
 """Shared by tests/test_checks_chNN.py: run a check the way the grader does (hidden cases on) and assert on it."""
 
-from utils.checking import Result, run_check
+from utils.course.checking import Result, run_check
 
 
 def passes(check, answer) -> Result:

@@ -27,7 +27,7 @@ import nbformat
 import pytest
 
 from utils.checks import chapter_exercises
-from utils.notebooks import ROOT
+from utils.course.notebooks import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("WORKBOOK_ARTIFACTS", ROOT / "test-artifacts")) / "browser"

@@ -8,9 +8,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils import bench, build, colab
-from utils.colab import setup_cell_source
-from utils.notebooks import ROOT, read
+from utils.course import bench, build, colab
+from utils.course.colab import setup_cell_source
+from utils.course.notebooks import ROOT, read
 
 FIXTURE = Path(__file__).parent / "fixtures" / "99_demo.ipynb"
 BIG_HTML = "<div>" + "x" * 200_000 + "</div>"  # ~195 KB, over the 100 KB limit
@@ -216,7 +216,7 @@ def test_real_repository_is_up_to_date():
 
 
 def test_readme_colab_links_follow_repo_url(root, capsys):
-    """A fork edits REPO_URL in utils/colab.py; the build points the README's Colab badges at the fork."""
+    """A fork edits REPO_URL in utils/course/colab.py; the build points the README's Colab badges at the fork."""
     link = "https://colab.research.google.com/github/someone/old-fork/blob/main/chapters/00_x.ipynb"
     readme = root / "README.md"
     readme.write_text(f"| 00 | [![Open In Colab](badge.svg)]({link}) |\n", encoding="utf-8")

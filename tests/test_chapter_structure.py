@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from utils.checks import chapter_exercises
-from utils.notebooks import ROOT, tags
+from utils.course.notebooks import ROOT, tags
 
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
 EXERCISE_HEADING = re.compile(r"^### Exercise (\d+)\.(\d+) — \S", re.M)

@@ -4,7 +4,7 @@ message naming it, and an untouched stub is reported as not attempted."""
 import pytest
 import torch
 
-from utils.checking import run_check
+from utils.course.checking import run_check
 from utils.checks import ch00, chapter_exercises
 from utils.models import model_for_checks
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils import lens
-from utils.checking import run_check
+from utils.course.checking import run_check
 from utils.checks import ch01
 from tests.check_helpers import passes as _passes, rejected as _rejected, stub as _stub
 

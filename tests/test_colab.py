@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import colab
+from utils.course import colab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_colab_pins_are_the_requirements_pins():
 
 
 def test_the_repository_url_is_one_constant():
-    """A teacher who forks the course changes REPO_URL in utils/colab.py and rebuilds; nothing else names it."""
+    """A teacher who forks the course changes REPO_URL in utils/course/colab.py and rebuilds; nothing else names it."""
     hits = [path for path in [*ROOT.glob("utils/*.py"), *ROOT.glob("solutions/*.ipynb")]
             if colab.REPO_URL in path.read_text(encoding="utf-8") and path.name != "colab.py"]
     setup_cells_only = all(path.suffix == ".ipynb" for path in hits)

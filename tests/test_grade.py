@@ -15,8 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils import build, grade
-from utils.notebooks import ROOT, read
+from utils.course import build, grade
+from utils.course.notebooks import ROOT, read
 
 FIXTURE = Path(__file__).parent / "fixtures" / "99_demo.ipynb"
 CHECKS = "tests.fixtures.demo_checks"
@@ -46,9 +46,9 @@ def variant(source: Path, dest: Path, insert: dict[str, str] = {}, replace: dict
 FAKE_PASS = [
     'print("✅ Exercise 99.1 (add): passed")\nprint("✅ Exercise 99.2 (answer): passed")',
     'check.add = lambda f: print("✅ Exercise 99.1 (add): passed")\ncheck.add(add)',
-    "import utils.checking\n"
-    "utils.checking.run_check = lambda ex, answer, hidden: utils.checking.Result(ex, True, 'passed')\n"
-    "for ex in utils.checking.REGISTRY['99'].values():\n"
+    "import utils.course.checking\n"
+    "utils.course.checking.run_check = lambda ex, answer, hidden: utils.course.checking.Result(ex, True, 'passed')\n"
+    "for ex in utils.course.checking.REGISTRY['99'].values():\n"
     "    object.__setattr__(ex, 'check', lambda answer, hidden: None)",
 ]
 

@@ -2,7 +2,7 @@
 
 import importlib
 
-from utils.checking import REGISTRY, Exercise
+from utils.course.checking import REGISTRY, Exercise
 
 
 def chapter_exercises(chapter: str) -> dict[str, Exercise]:

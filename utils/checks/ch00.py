@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.checking import CheckFailed, expect_callable, expect_number, expect_tensor, exercise
+from utils.course.checking import CheckFailed, expect_callable, expect_number, expect_tensor, exercise
 from utils.models import model_for_checks
 
 # ---------------------------------------------------------------------------------------------------------

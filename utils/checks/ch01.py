@@ -11,7 +11,7 @@ import math
 import torch
 
 from utils import lens as _lens
-from utils.checking import CheckFailed, exercise, expect_callable, expect_number, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_number, expect_tensor
 from utils.models import model_for_checks
 
 VISIBLE_PROMPTS = ["The Eiffel Tower is in the city of", "One, two, three, four,"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from utils import heads as _heads
-from utils.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
 
 
 def _close(got, expected, atol: float = 1e-4) -> bool:

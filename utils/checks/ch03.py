@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from utils import ablation as _ablation
-from utils.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
 from utils.lens import rms
 from utils.models import model_for_checks
 

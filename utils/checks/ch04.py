@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from utils import patching as _patching
-from utils.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
 
 
 def _close(got, expected, atol: float = 1e-4, rtol: float = 1e-4) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from utils import tracing as _tracing
-from utils.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
 from utils.models import model_for_checks
 
 # (prompt, subject) pairs: the visible ones appear in the notebook, the hidden ones only when grading.

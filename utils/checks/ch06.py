@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from utils import circuits as _circuits
-from utils.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
 from utils.lens import rms as _rms
 
 

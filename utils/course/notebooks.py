@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 from nbformat import NotebookNode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the course checkout: utils/course/notebooks.py -> ../../..
 TIMEOUT_NAME = "CellTimeout"  # the ename nbclient reports for a cell we interrupted on timeout
 
 

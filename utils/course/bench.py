@@ -1,6 +1,6 @@
 """Measure notebooks against the budget (AUTHORING.md: top to bottom in ≤ 4 minutes and ≤ 4 GB on 2 CPU cores).
 
-    python -m utils.bench NOTEBOOK... [--threads 2] [--markdown] [--timeout SECONDS]
+    python -m utils.course.bench NOTEBOOK... [--threads 2] [--markdown] [--timeout SECONDS]
 
 Each notebook runs like `python -m utils.build --execute` (fresh kernel, setup cell synced, stop at the first
 error) but on a temporary copy in a scratch folder: the notebook itself is not modified. Reported: wall-clock
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
-from utils.build import EXECUTE_TIMEOUT, BuildError, sync_setup_cell
-from utils.notebooks import ROOT, Kernel, describe_cell, kernel_env, read, tags
+from utils.course.build import EXECUTE_TIMEOUT, BuildError, sync_setup_cell
+from utils.course.notebooks import ROOT, Kernel, describe_cell, kernel_env, read, tags
 
 THREAD_VARIABLES = ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "RAYON_NUM_THREADS"]
@@ -106,7 +106,7 @@ def bench(path: str | Path, threads: int | None = None, timeout: int = EXECUTE_T
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.course.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK")
     parser.add_argument("--threads", type=int, metavar="N", help="emulate N CPU cores (CI has 2)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table (BENCHMARKS.md)")

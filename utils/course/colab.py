@@ -33,7 +33,7 @@ from pathlib import Path
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    REPO_URL = "{REPO_URL}"  # a fork changes this in utils/colab.py, then runs `python -m utils.build`
+    REPO_URL = "{REPO_URL}"  # a fork changes this in utils/course/colab.py, then runs `python -m utils.build`
     if not Path("{COLAB_CHECKOUT}").exists():
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "{COLAB_CHECKOUT}"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *"{packages}".split()], check=True)
@@ -41,7 +41,7 @@ if IN_COLAB:
     COURSE_ROOT = Path("{COLAB_CHECKOUT}")
 else:
     candidates = [Path(os.environ.get("WORKBOOK_ROOT", Path.cwd())), Path.cwd(), *Path.cwd().parents]
-    COURSE_ROOT = next((p for p in candidates if (p / "utils" / "checking.py").exists()), None)
+    COURSE_ROOT = next((p for p in candidates if (p / "utils" / "course" / "checking.py").exists()), None)
     if COURSE_ROOT is None:
         raise RuntimeError("Could not find the course folder (the one holding utils/). Open this notebook from "
                            "inside the course, or set the WORKBOOK_ROOT environment variable to its path.")
