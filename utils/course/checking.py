@@ -33,6 +33,21 @@ STAND_IN_MARK = "\u21aa"  # ↪
 NOT_ATTEMPTED = "not attempted yet"
 
 
+_hidden_seed = 0
+
+
+def set_hidden_seed(seed: int) -> None:
+    """The grader draws a fresh seed for each grading run; tests and notebooks keep the fixed default."""
+    global _hidden_seed
+    _hidden_seed = int(seed)
+
+
+def hidden_generator(salt: int = 0) -> torch.Generator:
+    """A generator for hidden cases made of random numbers: fixed (seed `salt`) in tests and notebooks, drawn
+    afresh by each grading run, so that a learner cannot precompute the answers to the hidden cases."""
+    return torch.Generator().manual_seed(_hidden_seed * 1_000_003 + salt)
+
+
 class CheckFailed(AssertionError):
     """A wrong answer. The message is shown to the learner as it is, so make it specific."""
 

@@ -1,18 +1,18 @@
-"""Grade learners' notebooks: run each in a fresh kernel, then run the chapter's checks (with hidden cases) on
-the answers the notebook left in that kernel.
+"""Grade learners' notebooks: each one runs in its own sandboxed kernel, and is graded by a fresh judge process.
 
     python -m utils.grade NOTEBOOK... [--json FILE] [--csv FILE] [--html FILE] [--timeout SECONDS] [--jobs N]
-                                     [--chapter NN] [--memory-gb GB]
+                                     [--chapter NN] [--memory-gb GB] [--no-sandbox]
 
-How a grade is made, and why it is hard to fake:
-  - the submission is copied into a fresh scratch folder and executed there (cwd = that folder), so nothing is
-    written next to it; a cell that raises or runs past --timeout is interrupted and the rest still run;
-  - then the grader appends its own cell. It drops every `utils*` module from `sys.modules` (a learner's
-    monkeypatching of the checks is discarded), imports the chapter's checks afresh, runs every check with
-    hidden=True on the object named `exercise.key` in the notebook's globals, and prints one line: a random
-    nonce made for this run + the results as JSON. Only that cell's output is read, and only that line, so text
-    the notebook printed ("✅ Exercise 1.2 ... passed") earns nothing.
-Exit status: 0 once every notebook is graded (failed exercises included), 2 on bad usage.
+For every notebook this starts `python -m utils.course.judge` (utils/course/judge.py), a process of its own that
+never runs learner code: it copies the notebook into a scratch folder, runs it in a kernel inside a bubblewrap
+sandbox (read-only course, venv and model cache; no network; its own process namespace; memory and time
+limits), then runs the chapter's checks with hidden cases *in the judge*, calling the learner's functions in the
+kernel with plain data in and plain data out. The verdicts and messages are made in the judge, so nothing the
+notebook does in its kernel can give it credit it did not earn, and nothing it does can touch another notebook,
+the course, or this process. Every string that came from a notebook is cleaned before it reaches the terminal,
+the CSV or the HTML report.
+Exit status: 0 once every notebook is graded (failed exercises included), 2 on bad usage or when no sandbox can
+be made (then --no-sandbox grades without one, for notebooks you trust).
 """
 
 from __future__ import annotations
@@ -21,316 +21,122 @@ import argparse
 import csv
 import dataclasses
 import html
-import importlib
 import json
 import os
 import re
-import secrets
-import signal
-import shutil
+import subprocess
 import sys
 import tempfile
-import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 
-import nbformat
+from utils.course import sandbox
+from utils.course.judge import (DEFAULT_MEMORY_GB, DEFAULT_TIMEOUT, MESSAGE_CAP, CellRun, NotebookGrade, Row,
+                                notebook_chapter)
+from utils.course.notebooks import ROOT, read
 
-from utils.course.notebooks import ROOT, CellRun, DeadKernelError, Kernel, kernel_env, read
-
-DEFAULT_TIMEOUT = 300  # seconds per cell, and per check
-DEFAULT_MEMORY_GB = 8.0  # per kernel; every solution notebook stays under 4 GB
-MAX_KERNEL_RESTARTS = 3  # cells that kill the kernel, skipped one by one before the grader gives up
 COLUMNS = ["notebook", "chapter", "exercise", "key", "passed", "points", "max_points", "message"]
+JUDGE_SLACK = 120  # seconds a judge may take beyond its notebook's cells and checks (imports, model load)
+
+# ---------------------------------------------------------------------------------------------------------
+# Strings from notebooks are untrusted: what a report may show of them.
+# ---------------------------------------------------------------------------------------------------------
+
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|\x1b[@-_]")
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-@dataclass
-class Row:
-    notebook: str
-    chapter: str
-    exercise: str  # its number, "1.2"; "" on a row about the whole notebook
-    key: str
-    passed: bool
-    points: int
-    max_points: int
-    message: str
+def clean(text, cap: int = MESSAGE_CAP) -> str:
+    """One line of printable text: no terminal escapes, control or direction-override characters, at most `cap`
+    characters."""
+    text = _CONTROLS.sub(" ", _ESCAPES.sub("", str(text)))
+    text = " ".join(text.split())
+    return text if len(text) <= cap else text[:cap - 1] + "…"
 
 
-@dataclass
-class NotebookGrade:
-    notebook: str
-    chapter: str
-    rows: list[Row]
-    failed_cells: list[CellRun] = field(default_factory=list)  # cells that raised or timed out
-
-    @property
-    def points(self) -> int:
-        return sum(row.points for row in self.rows)
-
-    @property
-    def max_points(self) -> int:
-        return sum(row.max_points for row in self.rows)
+def spreadsheet_safe(value):
+    """A CSV cell a spreadsheet will not run as a formula (OWASP: prefix =, +, -, @, tab and CR with ')."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
-# The grader's own last cell. It runs in the learner's kernel, so it imports what it needs inside a function
-# (the notebook may have rebound `json` or `sys`) and leaves no names behind.
-GRADING_CELL = '''\
-def _workbook_grade(nonce, chapter, module, timeout, namespace):
-    import importlib, json, signal, sys
+def _cleaned(grade: NotebookGrade) -> NotebookGrade:
+    rows = [dataclasses.replace(row, message=clean(row.message), key=clean(row.key, 80), exercise=clean(row.exercise, 20))
+            for row in grade.rows]
+    failed = [dataclasses.replace(run, ename=clean(run.ename, 80), evalue=clean(run.evalue, 200), status=clean(run.status, 10))
+              for run in grade.failed_cells]
+    return NotebookGrade(clean(grade.notebook, 300), clean(grade.chapter, 4), rows, failed)
 
-    class CheckTimedOut(BaseException):  # not an Exception: run_check must not swallow it
-        pass
 
-    def on_alarm(signum, frame):
-        raise CheckTimedOut()
+# ---------------------------------------------------------------------------------------------------------
+# Grading: one judge process per notebook.
+# ---------------------------------------------------------------------------------------------------------
 
-    results, report = [], {}
+
+def _judge_time_limit(path: Path, timeout: int) -> int:
     try:
-        for name in [n for n in list(sys.modules) if n == "utils" or n.startswith("utils.") or n == module]:
-            del sys.modules[name]
-        importlib.import_module(module)
-        checking = importlib.import_module("utils.course.checking")
-        if module == "utils.checks.ch" + chapter:
-            exercises = importlib.import_module("utils.checks").chapter_exercises(chapter)
-        else:
-            exercises = checking.REGISTRY.get(chapter, {})
-        for key, exercise in exercises.items():
-            if key not in namespace:
-                results.append({"key": key, "passed": False, "message": f"`{key}` is not defined in your "
-                                f"notebook: did you rename it or skip its cell?"})
-                continue
-            alarm = hasattr(signal, "SIGALRM")
-            try:
-                if alarm:
-                    previous = signal.signal(signal.SIGALRM, on_alarm)
-                    signal.setitimer(signal.ITIMER_REAL, timeout)
-            except ValueError:  # not the main thread: no per-check time limit
-                alarm = False
-            try:
-                result = checking.run_check(exercise, namespace[key], hidden=True)
-                results.append({"key": key, "passed": bool(result.passed), "message": str(result.message)})
-            except CheckTimedOut:
-                results.append({"key": key, "passed": False, "message": f"the check ran past {timeout} s "
-                                f"(does your code loop forever?)"})
-            finally:
-                if alarm:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    signal.signal(signal.SIGALRM, previous)
-    except BaseException as error:
-        report["error"] = f"{type(error).__name__}: {error}"
-    report["results"] = results
-    print(nonce, json.dumps(report), flush=True)
-'''
-
-
-def notebook_chapter(nb: nbformat.NotebookNode, path: Path) -> str | None:
-    """"NN" from the metadata `workbook.chapter`, else from the file name's `NN_` prefix."""
-    chapter = str(nb.get("metadata", {}).get("workbook", {}).get("chapter", ""))
-    if re.fullmatch(r"\d\d", chapter):
-        return chapter
-    prefix = re.match(r"(\d\d)_", path.name)
-    return prefix.group(1) if prefix else None
-
-
-def chapter_exercises(chapter: str, checks_module: str | None = None) -> list:
-    """The Exercise objects of a chapter, in order, from its check module (or from `checks_module`)."""
-    from utils.course.checking import REGISTRY
-    importlib.import_module(checks_module or f"utils.checks.ch{chapter}")
-    return list(REGISTRY.get(chapter, {}).values())
-
-
-def _notebook_row(label: str, chapter: str, message: str, max_points: int = 0) -> Row:
-    return Row(label, chapter, "", "", False, 0, max_points, message)
+        cells = sum(cell.cell_type == "code" for cell in read(path).cells)
+    except Exception:
+        cells = 0
+    return timeout * (cells + 20) + JUDGE_SLACK
 
 
 def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT, checks_module: str | None = None,
                    threads: int | None = None, expected_chapter: str | None = None,
-                   memory_gb: float = DEFAULT_MEMORY_GB) -> NotebookGrade:
-    """Grade one notebook; never raises for a problem with the notebook (that becomes a row).
-
-    checks_module: the module that registers the chapter's checks (default `utils.checks.chNN`); tests pass a
-    fixture module instead. threads: CPU threads for the kernel's torch (default: torch's own choice).
-    expected_chapter: "NN"; a notebook of another chapter is not run, and its row says so.
-    memory_gb: a cell whose kernel grows past this is killed and skipped; the rest of the notebook is graded.
-    """
-    label, path = str(path), Path(path)
-    try:
-        nb = read(path)
-    except Exception as error:
-        reason = "it is not valid JSON" if isinstance(error, json.JSONDecodeError) or "JSON" in str(error) \
-            else f"{type(error).__name__}: {error}"
-        return NotebookGrade(label, "", [_notebook_row(label, "", f"not graded: cannot read the notebook ({reason})."
-                                                       " Was the file saved completely?")])
-    chapter = notebook_chapter(nb, path)
-    if chapter is None:
-        return NotebookGrade(label, "", [_notebook_row(
-            label, "", "not graded: cannot tell which chapter this is (no `workbook.chapter` in the notebook "
-                       "metadata and the file name does not start with `NN_`).")])
-    if expected_chapter is not None and chapter != expected_chapter:
-        return NotebookGrade(label, chapter, [_notebook_row(
-            label, chapter, f"not graded: this is the notebook of chapter {chapter}, but chapter {expected_chapter} "
-                            f"was asked for (--chapter {expected_chapter}). Was the wrong file handed in?")])
-    module = checks_module or f"utils.checks.ch{chapter}"
-    try:
-        exercises = chapter_exercises(chapter, checks_module)
-    except ModuleNotFoundError as error:
-        return NotebookGrade(label, chapter, [_notebook_row(
-            label, chapter, f"not graded: no checks for chapter {chapter} ({error}).")])
-    except Exception as error:  # a bug in the check module: say so for every notebook, don't crash the batch
-        return NotebookGrade(label, chapter, [_notebook_row(
-            label, chapter, f"not graded: {module} failed to import ({type(error).__name__}: {error}).")])
-    if not exercises:
-        return NotebookGrade(label, chapter, [_notebook_row(
-            label, chapter, f"not graded: {module} registers no exercises for chapter {chapter}.")])
-
-    with tempfile.TemporaryDirectory(prefix="workbook-grade-") as scratch:
-        work = Path(scratch) / "notebook"
-        work.mkdir()
-        shutil.copyfile(path, work / path.name)
-        failed, results, problem = _run(nb, work, Path(scratch) / "ipython", chapter, module, timeout, len(exercises),
-                                       threads, int(memory_gb * 2**30))
-
-    rows = []
-    died = " ".join(f"Cell {run.index + 1} {run.evalue} and was skipped." for run in failed if run.status == "died")
-    for exercise in exercises:
-        passed, message = results.get(exercise.key, (False, problem or "no result from the checks"))
-        if not passed and "is not defined in your notebook" in message:
-            message = _why_undefined(nb, exercise.key, failed) or message
-        if died and not passed:
-            message = f"{message} ({died})"
-        rows.append(Row(label, chapter, exercise.number, exercise.key, passed, exercise.points if passed else 0,
-                        exercise.points, message))
-    return NotebookGrade(label, chapter, rows, failed)
-
-
-def _why_undefined(nb, name: str, failed: list[CellRun]) -> str | None:
-    """When an answer is missing because the cell defining it failed (e.g. it was moved above the imports it
-    needs), say which cell and what it raised, instead of suggesting it was renamed."""
-    defines = re.compile(rf"^(def|class)\s+{re.escape(name)}\b|^{re.escape(name)}\s*(:[^=]*)?=[^=]", re.M)
-    for run in failed:
-        cell = nb.cells[run.index]
-        if cell.cell_type == "code" and defines.search(cell.source):
-            what = {"timeout": "ran past the time limit", "died": f"{run.evalue} and was skipped"}.get(
-                run.status, f"raised {run.ename}: {run.evalue}")
-            return (f"`{name}` is not defined: cell {run.index + 1}, which defines it, {what}. Run your notebook "
-                    f"top to bottom (Restart Kernel and Run All) and fix the first error.")
-    return None
-
-
-class MemoryWatchdog:
-    """Kills the kernel (process `pid`) once its resident memory passes `limit` bytes; polls from a thread."""
-
-    def __init__(self, pid: int | None, limit: int | None, every: float = 0.1):
-        self.pid, self.limit, self.every = pid, limit, every
-        self.fired = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> "MemoryWatchdog":
-        if self.pid and self.limit:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        status = Path(f"/proc/{self.pid}/status")
-        while not self._stop.wait(self.every):
-            try:
-                kib = int(re.search(r"VmRSS:\s+(\d+)", status.read_text()).group(1))
-            except (OSError, AttributeError, ValueError):  # no /proc (not Linux) or the kernel has gone
-                return
-            if kib * 1024 > self.limit:
-                self.fired = True
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                return
-
-
-def _run(nb, work: Path, ipython_dir: Path, chapter: str, module: str, timeout: int, n_checks: int,
-         threads: int | None = None, memory_limit: int | None = None):
-    """Execute the notebook, then the grading cell. Returns (failed cells, {key: (passed, message)}, problem).
-
-    A cell that kills the kernel (it used more than `memory_limit` bytes, or crashed the process) is recorded,
-    and the notebook is run again in a fresh kernel without it, so the other exercises are still graded.
-    """
-    env = kernel_env(WORKBOOK_ROOT=str(ROOT), IPYTHONDIR=str(ipython_dir))  # no learner startup files, no history
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch reads it at import
-    failed: list[CellRun] = []
-    skipped: set[int] = set()
-    for _ in range(MAX_KERNEL_RESTARTS + 1):
-        kernel = Kernel(nb, cwd=work, timeout=timeout, allow_errors=True, env=env)
-        index, watchdog = -1, None
-        failed = [run for run in failed if run.status == "died"]  # a rerun records the others afresh
+                   memory_gb: float = DEFAULT_MEMORY_GB, sandboxed: bool = True, hide: list[Path] = ()) -> NotebookGrade:
+    """Grade one notebook in a fresh judge process; never raises for a problem with the notebook."""
+    label = str(path)
+    with tempfile.TemporaryDirectory(prefix="wbj-") as folder:
+        result = Path(folder) / "grade.json"
+        command = [sys.executable, "-m", "utils.course.judge", str(path), "--result", str(result), "--label", label,
+                   "--timeout", str(timeout), "--memory-gb", str(memory_gb)]
+        command += ["--chapter", expected_chapter] if expected_chapter else []
+        command += ["--threads", str(threads)] if threads else []
+        command += ["--checks-module", checks_module] if checks_module else []
+        command += [] if sandboxed else ["--no-sandbox"]
+        command += ["--hide", *map(str, hide)] if hide else []
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        if threads:
+            env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
         try:
-            with kernel.started(), MemoryWatchdog(kernel.pid, memory_limit) as watchdog:
-                for index, cell in enumerate(nb.cells):
-                    if cell.cell_type != "code" or index in skipped:
-                        continue
-                    run = kernel.run_cell(index)
-                    if run.status != "ok":
-                        failed.append(run)
-                    if run.status == "timeout" and not kernel.responsive():
-                        return failed, {}, (f"not graded: cell {index + 1} ran past {timeout} s and the kernel did "
-                                            f"not respond to the interrupt")
-                nonce = secrets.token_hex(16)
-                call = (f"\n_workbook_grade({nonce!r}, {chapter!r}, {module!r}, {timeout!r}, globals())\n"
-                        f"del _workbook_grade")
-                index = len(nb.cells)
-                # each check has its own alarm inside; this limit is only for a kernel that stops responding
-                run, grading = kernel.run_extra(GRADING_CELL + call, timeout * (n_checks + 1) + 60)
-        except DeadKernelError:
-            why = (f"used more than {memory_limit / 2**30:.1f} GiB of memory" if watchdog and watchdog.fired
-                   else "crashed the kernel")
-            if index >= len(nb.cells):
-                return failed, {}, f"not graded: the checks {why}"
-            failed.append(CellRun(index, "died", "KernelDied", why))
-            skipped.add(index)
-            continue
-        except Exception as error:  # e.g. the kernel would not start
-            return failed, {}, f"not graded: the grader could not run the notebook ({type(error).__name__}: {error})"
-        if run.status == "timeout":
-            return failed, {}, "not graded: the checks stopped responding"
-        return sorted(failed, key=lambda run: run.index), *_parse(grading, nonce)
-    return failed, {}, f"not graded: the kernel died {MAX_KERNEL_RESTARTS + 1} times"
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=_judge_time_limit(Path(path), timeout))
+        except subprocess.TimeoutExpired:
+            return NotebookGrade(label, "", [_whole_row(path, "not graded: the grader ran out of time on it")])
+        if done.returncode != 0 or not result.is_file():
+            tail = clean(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+            return NotebookGrade(label, "", [_whole_row(path, f"not graded: the grader failed on it ({tail})")])
+        return _cleaned(NotebookGrade.from_json(json.loads(result.read_text(encoding="utf-8"))))
 
 
-def _parse(grading_cell, nonce: str):
-    text = "".join(output.get("text", "") for output in grading_cell.outputs
-                   if output.output_type == "stream" and output.name == "stdout")
-    lines = [line[len(nonce) + 1:] for line in text.splitlines() if line.startswith(nonce + " ")]
-    if len(lines) != 1:
-        why = "no result line" if not lines else "more than one result line (tampering?)"
-        return {}, f"not graded: the checks printed {why}"
-    try:
-        report = json.loads(lines[0])
-        results = {item["key"]: (item["passed"] is True, str(item["message"])) for item in report["results"]}
-    except (ValueError, KeyError, TypeError) as error:
-        return {}, f"not graded: unreadable result line ({error})"
-    problem = f"not graded: the checks crashed ({report['error']})" if report.get("error") else None
-    return results, problem
+def _whole_row(path, message: str) -> Row:
+    return Row(str(path), "", "", "", False, 0, 0, message)
 
 
 def grade_all(paths: list[str | Path], timeout: int = DEFAULT_TIMEOUT, jobs: int = 1,
               checks_module: str | None = None, expected_chapter: str | None = None,
-              memory_gb: float = DEFAULT_MEMORY_GB) -> list[NotebookGrade]:
-    """Grade notebooks, `jobs` at a time, in input order. The work is in the kernels (one process each), so a
-    thread per notebook is enough to drive them, and needs no `if __name__ == "__main__"` guard in the caller."""
-    if jobs <= 1 or len(paths) <= 1:
-        return [grade_notebook(path, timeout, checks_module, None, expected_chapter, memory_gb) for path in paths]
+              memory_gb: float = DEFAULT_MEMORY_GB, sandboxed: bool = True, hide: list[Path] = ()) -> list[NotebookGrade]:
+    """Grade notebooks, `jobs` at a time, in input order. Every notebook of the batch (and `hide`) is unreadable
+    inside every sandbox, so no submission can read or copy another."""
+    hide = [*map(Path, paths), *hide]
     # Kernels that together ask for more threads than there are cores slow each other down several times over
     # (their thread pools spin waiting for each other), so each kernel gets its share of the cores.
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and len(paths) > 1 else None
+
+    def one(path):
+        return grade_notebook(path, timeout, checks_module, threads, expected_chapter, memory_gb, sandboxed, hide)
+
+    if threads is None:
+        return [one(path) for path in paths]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(grade_notebook, paths, repeat(timeout), repeat(checks_module), repeat(threads),
-                             repeat(expected_chapter), repeat(memory_gb)))
+        return list(pool.map(one, paths))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports.
+# ---------------------------------------------------------------------------------------------------------
 
 
 def rows(grades: list[NotebookGrade]) -> list[dict]:
@@ -444,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"rest is graded (default {DEFAULT_MEMORY_GB:g})")
     parser.add_argument("--chapter", metavar="NN", help="the chapter being graded: a notebook of another chapter "
                                                        "gets a row saying so instead of a grade")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="run the notebooks without a sandbox (macOS, Windows; only for notebooks you trust)")
     parser.add_argument("--checks-module", help=argparse.SUPPRESS)  # tests: a fixture module instead of chNN
     args = parser.parse_args(argv)
     for notebook in args.notebooks:
@@ -454,7 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.chapter is not None and not re.fullmatch(r"\d\d", args.chapter):
         parser.error(f"--chapter takes two digits, e.g. --chapter 01 (got {args.chapter!r})")
 
-    grades = grade_all(args.notebooks, args.timeout, args.jobs, args.checks_module, args.chapter, args.memory_gb)
+    if not args.no_sandbox and not sandbox.available():
+        print(f"error: {sandbox.unavailable_reason()}", file=sys.stderr)
+        return 2
+    if args.no_sandbox:
+        print("warning: grading WITHOUT a sandbox (--no-sandbox): the notebooks' code runs with your permissions "
+              "and can read and change your files. Use this only for notebooks you trust.", file=sys.stderr)
+    reports = [path for path in (args.json, args.csv, args.html) if path is not None]
+    grades = grade_all(args.notebooks, args.timeout, args.jobs, args.checks_module, args.chapter, args.memory_gb,
+                       not args.no_sandbox, hide=reports)
     for grade in grades:
         print(format_table(grade), end="\n\n")
     if len(grades) > 1:
@@ -465,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         with args.csv.open("w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(csv_rows(grades))
+            writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in csv_rows(grades))
     if args.html:
         args.html.write_text(html_report(grades), encoding="utf-8")
     return 0
