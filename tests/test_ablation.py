@@ -7,13 +7,6 @@ from utils import ablation
 from utils.ioi import logit_diff, make_ioi_dataset
 
 
-@pytest.fixture(scope="module")
-def model():
-    from utils.models import model_for_checks
-
-    return model_for_checks()
-
-
 def test_batched_ablation_matches_single_runs(model):
     data = make_ioi_dataset(model, n_prompts=2, seed=3, templates_per_order=1)
     z, final = ablation.head_z(model, data.tokens)

@@ -203,7 +203,7 @@ def test_bench_measures_a_copy_and_names_a_failing_cell(root, capsys):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[0] == "99_demo" and cells[1].endswith(" s") and cells[3] == "1"
     assert 0.05 < float(cells[2].removesuffix(" GiB")) < 4  # a python kernel holding torch
-    assert "chapters/99_demo.ipynb: cell 11 (`print(add(2, 3))`) raised NotImplementedError" in err
+    assert "chapters/99_demo.ipynb: cell 14 (`print(add(2, 3))`) raised NotImplementedError" in err
     assert (sorted(root.rglob("*")), solution.read_bytes()) == before  # ran on a copy, wrote nothing
 
 

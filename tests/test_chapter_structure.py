@@ -13,7 +13,10 @@ import re
 import nbformat
 import pytest
 
+from tests.check_helpers import PREDATE_THE_STANDARD
 from utils.checks import chapter_exercises
+from utils.course import stats
+from utils.course.nbtest import output_text
 from utils.course.notebooks import ROOT, tags
 
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
@@ -76,8 +79,8 @@ def test_ends_with_a_replication_table(chapter):
                    if cell.cell_type == "markdown" and re.search(r"^#+ .*Replication", cell.source, re.M)]
     assert replication, "the chapter must end with a '## Replication' section"
     table_cells = [cell for cell in nb.cells[replication[-1]:] if cell.cell_type == "code"]
-    assert any("| " in "".join(output.get("text", "")) for cell in table_cells for output in cell.outputs), \
-        "the replication section must print a table computed by the notebook"
+    assert any("| " in output_text(cell) for cell in table_cells), \
+        "the replication section must show a table computed by the notebook (utils.report.replication_table)"
 
 
 def test_cells_that_draw_are_not_compared_by_nbval(chapter):
@@ -87,3 +90,47 @@ def test_cells_that_draw_are_not_compared_by_nbval(chapter):
                 and not re.match(r"\s*(import|from)\s", cell.source.split("\n")[0] if cell.source else "")
                 and any(output.get("output_type") in ("display_data", "execute_result") for output in cell.outputs)]
     assert not untagged, f"cells {untagged} draw a figure, widget or progress bar: tag them nbval-ignore-output"
+
+
+def _standard(chapter):
+    number, _ = chapter
+    if number in PREDATE_THE_STANDARD:
+        pytest.skip(f"chapter {number} predates the standard (AUTHORING.md)")
+
+
+def test_every_exercise_has_tiered_hints(chapter):
+    _standard(chapter)
+    number, nb = chapter
+    for cell_index, cell in enumerate(nb.cells):
+        for match in EXERCISE_HEADING.finditer(cell.source if cell.cell_type == "markdown" else ""):
+            text = cell.source[match.end():]
+            for later in nb.cells[cell_index + 1:]:  # the hints may sit in markdown cells before the code
+                if later.cell_type != "markdown":
+                    break
+                text += later.source
+            hints = re.findall(r"<details>\s*<summary>\s*(Hint[^<]*)</summary>", text)
+            assert len(hints) >= 2, (f"Exercise {match.group(1)}.{match.group(2)}: give at least two tiered hints "
+                                     f"(<details><summary>Hint 1: the idea</summary>, then Hint 2: shapes and calls)")
+
+
+def test_each_answer_is_defined_in_one_cell_only(chapter):
+    """The grader grades the object of the exercise's name: no later cell may rebind it (use or_reference)."""
+    number, nb = chapter
+    for key in chapter_exercises(number):
+        defines = re.compile(rf"^(def|class)\s+{re.escape(key)}\b|^{re.escape(key)}\s*(:[^=]*)?=[^=]", re.M)
+        cells = [index + 1 for index, cell in enumerate(nb.cells) if cell.cell_type == "code" and defines.search(cell.source)]
+        assert len(cells) == 1, f"`{key}` is defined in cells {cells}; define it once, in its exercise cell"
+
+
+def test_depth_meets_the_standard(chapter):
+    _standard(chapter)
+    number, _ = chapter
+    counted = stats.chapter_stats(next(path for path in SOLUTIONS if path.name.startswith(number)))
+    assert counted.long_solutions >= stats.MIN_LONG_SOLUTIONS, (
+        f"{counted.long_solutions} exercises have reference solutions of >= {stats.LONG_SOLUTION_LINES} lines: "
+        f"{counted.lines} (the standard asks for {stats.MIN_LONG_SOLUTIONS})")
+
+
+def test_the_course_averages_enough_exercises_per_chapter():
+    problems = [p for p in stats.shortfalls(stats.course_stats(), exempt=PREDATE_THE_STANDARD) if "average" in p]
+    assert not problems, problems

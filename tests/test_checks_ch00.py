@@ -12,9 +12,8 @@ EXERCISES = chapter_exercises("00")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def model():
-    with torch.no_grad():
-        yield model_for_checks()
+def _model_loaded(model):  # every test here uses the shared `model` fixture (tests/conftest.py)
+    return model
 
 
 def result(key, answer):

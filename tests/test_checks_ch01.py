@@ -16,13 +16,6 @@ def _entry(check):
     return check.exercise
 
 
-@pytest.fixture(scope="module")
-def model():
-    from utils.models import model_for_checks
-
-    return model_for_checks()
-
-
 ALL_CHECKS = [ch01.logit_lens, ch01.next_token_ranks, ch01.kl_from_final, ch01.fit_translator,
               ch01.linearised_logit_lens]
 

@@ -15,16 +15,6 @@ ALL_CHECKS = [ch05.subject_positions, ch05.corrupt_embeddings, ch05.restore_and_
               ch05.window_layers]
 
 
-@pytest.fixture(scope="module")
-def model():
-    from utils.models import load_model
-
-    previous = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    yield load_model()
-    torch.set_grad_enabled(previous)  # later test modules train models
-
-
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda check: check.__name__)
 def test_stub_is_not_attempted(check):
     result = run_check(check.exercise, _stub, hidden=True)

@@ -9,13 +9,6 @@ from utils import circuits
 from utils.ioi import logit_diff, make_ioi_dataset
 
 
-@pytest.fixture(scope="module")
-def model():
-    from utils.models import model_for_checks
-
-    return model_for_checks()
-
-
 def test_expand_kv_heads_groups_consecutive_query_heads():
     W = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 2)
     expanded = circuits.expand_kv_heads(W, 9)

@@ -8,11 +8,6 @@ from utils.models import load_model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
 def data(model):
     return make_ioi_dataset(model, n_prompts=16, seed=0)
 

@@ -11,16 +11,6 @@ from utils import tracing
 PROMPT, SUBJECT, ANSWER = "The Eiffel Tower is in the city of", "The Eiffel Tower", " Paris"
 
 
-@pytest.fixture(scope="module")
-def model():
-    from utils.models import load_model
-
-    previous = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    yield load_model()
-    torch.set_grad_enabled(previous)  # later test modules train models
-
-
 def test_subject_positions(model):
     assert tracing.subject_positions(model, PROMPT, SUBJECT) == [1, 2, 3, 4]
     assert tracing.subject_positions(model, "The capital of France is", "France") == [4]
