@@ -128,7 +128,7 @@ class KernelSession:
             raise LearnerError("GradingError", "the kernel sent back something that is not a reply")
         from utils.course.remote import Decoder
 
-        decoder = Decoder(tensors, trusted=False, handle=self._handle)
+        decoder = Decoder(tensors, trusted=False, handle=self._handle, known=encoder.objects)
         return reply, decoder, encoder
 
     def _handle(self, data: dict) -> RemoteHandle:

@@ -214,9 +214,15 @@ def read_message(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 class Decoder:
+    """trusted=True (the kernel reading the grader's request) builds course objects and resolves functions;
+    trusted=False (the grader reading the kernel's reply) allows plain data, tensors and handles, plus course
+    objects and caches only when they stand for an object the grader itself sent (`known`)."""
+
     def __init__(self, tensors: dict[str, torch.Tensor], trusted: bool, handle: Callable[[dict], Any] | None = None,
-                 build: Callable[[str, list, dict], Any] | None = None):
+                 build: Callable[[str, list, dict], Any] | None = None, known: list | None = None):
         self.tensors, self.trusted, self._handle, self._build = tensors, trusted, handle, build
+        self.known = {repr(recipe_of(obj)[:1] + (list(recipe_of(obj)[1]), dict(recipe_of(obj)[2]))): obj
+                      for obj in known or [] if recipe_of(obj) is not None}
         self.decoded_tensors: dict[int, Any] = {}
 
     def _tensor(self, index: Any, numpy_array: bool):
@@ -267,6 +273,19 @@ class Decoder:
             return getattr(torch, data[tag])
         if tag == "$handle" and self._handle is not None:
             return self._handle(data)
+        if not self.trusted and tag == "$object":
+            key = repr((data.get("$object"), self.decode(data.get("args"), depth + 1),
+                        self.decode(data.get("kwargs"), depth + 1)))
+            if key not in self.known:
+                raise DecodeError("the reply names a course object the grader did not send")
+            return self.known[key]
+        if not self.trusted and tag == "$cache" and isinstance(data.get("$cache"), dict):
+            from transformer_lens.ActivationCache import ActivationCache
+
+            tensors = self.decode(data["$cache"], depth + 1)
+            if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+                raise DecodeError("a cache in the reply holds something other than named tensors")
+            return ActivationCache(tensors, self.decode(data["model"], depth + 1))
         if not self.trusted:
             raise DecodeError(f"the reply holds a {tag!r}, which only the grader may send")
         if tag == "$object":
