@@ -174,3 +174,13 @@ def test_an_honest_answer_passes_the_tripwire(tmp_path):
     name = f"{__name__}:_reference_scale"
     reply, decoder = _call(tmp_path, {"answer": lambda x, factor: x * factor}, [torch.ones(3), 2.0], tripwires=[name])
     assert "reference_used" not in reply and torch.equal(decoder.decode(reply["result"]), torch.full((3,), 2.0))
+
+
+def test_the_learners_exception_keeps_its_builtin_type_in_the_judge():
+    from utils.course.checking import LearnerError
+
+    error = LearnerError.raised("ValueError", "' interpretability' is 2 tokens", " (at line 7)")
+    assert isinstance(error, ValueError) and isinstance(error, LearnerError) and error.where == " (at line 7)"
+    assert isinstance(LearnerError.raised("KeyError", "blocks.0.hook_z"), KeyError)
+    assert type(LearnerError.raised("SomethingOfTheLearners", "x")) is LearnerError
+    assert not isinstance(LearnerError.raised("CheckFailed", "x"), AssertionError)  # never a verdict

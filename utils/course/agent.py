@@ -60,6 +60,11 @@ def _lookup_handle(data: dict) -> Any:
     return _handles[data["$handle"]]
 
 
+def _message(error: BaseException) -> str:
+    """The exception's own argument when it is one string (KeyError('x') travels as x, not as "'x'")."""
+    return error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+
+
 def _learner_frame(error: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if "/utils/" not in f.filename.replace("\\", "/")]
@@ -151,7 +156,7 @@ def _call(request: dict, namespace: dict, decoder: Decoder, encoder: Encoder) ->
         except NotImplementedError as error:
             reply["error"] = {"type": "NotImplementedError", "message": str(error)[:500]}
         except Exception as error:
-            reply["error"] = {"type": type(error).__name__, "message": str(error)[:1000],
+            reply["error"] = {"type": type(error).__name__, "message": _message(error)[:1000],
                               "where": _learner_frame(error)}
         if _tripped:
             reply = {"reference_used": True}

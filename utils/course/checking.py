@@ -20,6 +20,7 @@ dicts, tensors), course objects made by a `@course_object` factory (the model), 
 
 from __future__ import annotations
 
+import builtins
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -53,11 +54,28 @@ class CheckFailed(AssertionError):
 
 
 class LearnerError(Exception):
-    """The learner's code raised, in another process (the grader's kernel); carries its type, message and line."""
+    """The learner's code raised, in another process (the grader's kernel); carries its type, message and line.
+
+    `LearnerError.raised(...)` makes one that is also an instance of the built-in exception the learner's code
+    raised (a ValueError stays a ValueError), so a check's `except ValueError:` behaves as it does locally."""
+
+    _as_builtin: dict[str, type] = {}
 
     def __init__(self, type_name: str, message: str, where: str = ""):
         super().__init__(message)
         self.type_name, self.message, self.where = type_name, message, where
+
+    @classmethod
+    def raised(cls, type_name: str, message: str, where: str = "") -> "LearnerError":
+        base = getattr(builtins, type_name, None)
+        if isinstance(base, type) and issubclass(base, Exception) and not issubclass(base, (LearnerError, CheckFailed)):
+            if type_name not in cls._as_builtin:
+                try:
+                    cls._as_builtin[type_name] = type(type_name, (LearnerError, base), {})
+                except TypeError:  # an exception type whose layout cannot be mixed in
+                    cls._as_builtin[type_name] = LearnerError
+            return cls._as_builtin[type_name](type_name, message, where)
+        return LearnerError(type_name, message, where)
 
 
 class ReferenceUsed(Exception):

@@ -170,7 +170,7 @@ class KernelSession:
             kind, text = str(error.get("type", "Exception"))[:80], str(error.get("message", ""))
             if kind == "NotImplementedError":
                 raise NotImplementedError(text)
-            raise LearnerError(kind, text, str(error.get("where", ""))[:200])
+            raise LearnerError.raised(kind, text, str(error.get("where", ""))[:200])
         if "result" not in reply:
             raise LearnerError("GradingError", "the kernel sent back no result")
         return decoder.decode(reply["result"])
