@@ -112,10 +112,10 @@ class SolutionNotebook(pytest.File):
         shutil.copyfile(self.path, work / self.path.name)
         started = time.monotonic()
         threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None
-        results, error, peak = {}, None, 0
+        results, error, peak, cpu = {}, None, 0, 0.0
         try:
             with judge.executed(fresh, work, scratch, CELL_TIMEOUT, MEMORY_LIMIT, threads, sandbox.available()) as run:
-                seconds = time.monotonic() - started
+                seconds, cpu = time.monotonic() - started, run.kernel.cpu_seconds()
                 peak = run.kernel.watchdog.peak if run.kernel.watchdog else 0
                 if exercises:
                     session = judge.KernelSession(run.kernel, scratch / "rpc")
@@ -124,7 +124,8 @@ class SolutionNotebook(pytest.File):
             error, seconds = f"{type(failure).__name__}: {failure}", time.monotonic() - started
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        _measurements[self.path.name] = {"seconds": round(seconds, 1), "peak_gib": round(peak / 2**30, 2),
+        _measurements[self.path.name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                                         "peak_gib": round(peak / 2**30, 2),
                                          "grading_seconds": round(time.monotonic() - started - seconds, 1),
                                          "sandboxed": sandbox.available()}
         self.run = {"fresh": fresh, "results": results, "error": error, "exercises": exercises}
@@ -202,8 +203,9 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("solution notebooks (executed once each: outputs compared, then graded)")
     for name, measured in sorted(_measurements.items()):
-        terminalreporter.write_line(f"{name}: {measured['seconds']:.0f} s to run, {measured['grading_seconds']:.0f} s "
-                                    f"to grade, peak memory {measured['peak_gib']:.2f} GiB")
+        terminalreporter.write_line(f"{name}: {measured['seconds']:.0f} s to run ({measured['cpu_seconds']:.0f} CPU-s), "
+                                    f"{measured['grading_seconds']:.0f} s to grade, peak memory "
+                                    f"{measured['peak_gib']:.2f} GiB")
     folder = Path(os.environ.get("WORKBOOK_ARTIFACTS", ROOT / "test-artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "notebooks.json").write_text(json.dumps(_measurements, indent=1, sort_keys=True) + "\n")

@@ -258,6 +258,23 @@ class Kernel:
         provisioner = getattr(self.client.km, "provisioner", None)
         return getattr(provisioner, "pid", None)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the kernel and everything it started have used so far: a cost measure that,
+        unlike wall-clock time, barely depends on what else the machine is doing."""
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except (psutil.Error, ValueError, TypeError):
+            return 0.0
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
+            except psutil.Error:
+                pass
+        return total
+
     @property
     def killed_because(self) -> str:
         """Why the watchdog killed the kernel ("used more than 8.0 GiB of memory"), or "" if it did not."""
