@@ -393,23 +393,29 @@ def test_decompose_uncentred_rejected():
 
 # 2.12 ablated_repeat_losses ----------------------------------------------------------------------------------
 
-def _ablate(kind="mean", leave_hook=False, means=False):
-    def ablated_repeat_losses(model, tokens, half_len, layer, heads_):
-        name = f"blocks.{layer}.attn.hook_z"
-        _, cache = model.run_with_cache(tokens, names_filter=name)
-        z = cache[name]
-        replacement = {"mean": z.mean((0, 1)), "zero": torch.zeros_like(z[0, 0])}[kind]
+def _ablate(kind="mean", leave_hook=False, means=False, first_layer_only=False):
+    def ablated_repeat_losses(model, tokens, half_len, heads_):
+        layers = sorted({layer for layer, _ in heads_})[:1 if first_layer_only else None]
+        names = [f"blocks.{layer}.attn.hook_z" for layer in layers]
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        hooks = []
+        for layer, name in zip(layers, names):
+            chosen = [h for l, h in heads_ if l == layer]
+            z = cache[name]
+            replacement = {"mean": z.mean((0, 1)), "zero": torch.zeros_like(z[0, 0])}[kind]
 
-        def hook(value, hook):
-            value = value.clone()
-            value[:, :, heads_] = replacement[heads_]
-            return value
+            def hook(value, hook, chosen=chosen, replacement=replacement):
+                value = value.clone()
+                value[:, :, chosen] = replacement[chosen]
+                return value
 
+            hooks.append((name, hook))
         if leave_hook:
-            model.add_hook(name, hook)
+            for name, hook in hooks:
+                model.add_hook(name, hook)
             logits = model(tokens)
         else:
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         losses = -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
         out = torch.stack([losses[:, 1:half_len].mean(-1), losses[:, half_len + 1:2 * half_len].mean(-1)], -1)
         return (out[:, 0].mean().item(), out[:, 1].mean().item()) if means else out
@@ -431,3 +437,7 @@ def test_ablation_hook_left_behind_rejected():
 
 def test_ablation_batch_means_rejected():
     _rejected(ch02.ablated_repeat_losses, _ablate(means=True), "one row per sequence")
+
+
+def test_ablation_one_layer_only_rejected():
+    _rejected(ch02.ablated_repeat_losses, _ablate(first_layer_only=True), "only the heads of layer")

@@ -237,18 +237,20 @@ def mlp0_copying_scores(model, token_ids: Tensor, heads: list[tuple[int, int]], 
     return torch.stack(scores)
 
 
-def head_roles(head_effect: Tensor, end_pattern: Tensor, positions: dict, threshold: float = 0.1,
+def head_roles(head_effect: Tensor, patterns: list[Tensor], positions: dict, threshold: float = 0.1,
                io_over_s1_only: bool = False) -> dict[str, list[tuple[int, int]]]:
-    """Chapter 04's rule for the IOI heads, from direct effects and attention at END.
+    """Chapter 04's rule for the IOI heads, from direct effects and attention from the last position (END).
 
-    `head_effect` `[n_layers, n_heads]` (mean direct effect on logit(IO) - logit(S)), `end_pattern` `[n_layers,
-    n_heads, batch, key_pos]` (attention from the last position), `positions` {"IO", "S1", "S2"}: `[batch]` each.
-    With a, the mean attention to each name over the prompts: name movers have an effect above `threshold` and
-    a["IO"] > max(a["S1"], a["S2"]); negative name movers the same with an effect below -threshold; "S2 writers"
-    an effect above `threshold` and a["S2"] > max(a["IO"], a["S1"]). Each list in (layer, head) order.
+    `head_effect` `[n_layers, n_heads]` (mean direct effect on logit(IO) - logit(S)), `patterns` one `[batch,
+    n_heads, pos, pos]` attention pattern per layer (END is the last position), `positions` {"IO", "S1", "S2"}:
+    `[batch]` each. With a the mean attention from END to each name over the prompts: name movers have an effect
+    above `threshold` and a["IO"] > max(a["S1"], a["S2"]); negative name movers the same with an effect below
+    -threshold; "S2 writers" an effect above `threshold` and a["S2"] > max(a["IO"], a["S1"]). Lists in (layer, head)
+    order.
     """
-    rows = torch.arange(end_pattern.shape[2])
-    to = {role: end_pattern[:, :, rows, positions[role]].mean(-1) for role in ("IO", "S1", "S2")}
+    end = torch.stack([pattern[:, :, -1] for pattern in patterns]).transpose(1, 2)  # [layer, head, batch, key]
+    prompts = torch.arange(end.shape[2])
+    to = {role: end[:, :, prompts, positions[role]].mean(-1) for role in ("IO", "S1", "S2")}
     s_max = to["S1"] if io_over_s1_only else torch.maximum(to["S1"], to["S2"])
     attends_io = to["IO"] > s_max
     attends_s2 = to["S2"] > torch.maximum(to["IO"], to["S1"])

@@ -236,20 +236,28 @@ def decompose_attention_scores(cache: dict, W_O0: torch.Tensor, b_O0: torch.Tens
     return torch.einsum("sbqe,tbke->stbqk", q, k) / math.sqrt(W_Q.shape[-1])
 
 
-def ablated_repeat_losses(model, tokens: torch.Tensor, half_len: int, layer: int, heads: list[int]) -> torch.Tensor:
+def ablated_repeat_losses(model, tokens: torch.Tensor, half_len: int, heads: list[tuple[int, int]]) -> torch.Tensor:
     """[batch, 2]: each sequence's mean loss on the first and on the second copy (as `repeat_losses`) while the
-    given heads of `layer` are mean-ablated: their hook_z replaced by its mean over this batch and all positions."""
-    name = f"blocks.{layer}.attn.hook_z"
+    (layer, head) pairs in `heads` are mean-ablated: each one's hook_z replaced by its mean over this batch and all
+    positions, measured on a clean run of the same tokens. All of them are ablated in one run."""
+    layers = sorted({layer for layer, _ in heads})
+    names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=name)
-        mean_z = cache[name].mean(dim=(0, 1))  # [n_heads, d_head]
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
 
-        def ablate(z, hook):
-            z = z.clone()
-            z[:, :, heads] = mean_z[heads]
-            return z
+        def ablation_hook(layer):
+            chosen = [head for l, head in heads if l == layer]
+            mean_z = cache[f"blocks.{layer}.attn.hook_z"].mean(dim=(0, 1))  # [n_heads, d_head]
 
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate)] if heads else [])
+            def ablate(z, hook):
+                z = z.clone()
+                z[:, :, chosen] = mean_z[chosen]
+                return z
+
+            return ablate
+
+        hooks = [(f"blocks.{layer}.attn.hook_z", ablation_hook(layer)) for layer in layers]
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
     log_probs = logits[:, :-1].log_softmax(-1)
     losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # column j predicts token j + 1
     return torch.stack([losses[:, 1:half_len].mean(-1), losses[:, half_len + 1:2 * half_len].mean(-1)], dim=-1)

@@ -569,25 +569,28 @@ def decompose_attention_scores(answer, hidden):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _ablation_variants(model, tokens, half_len, layer, heads):
-    name = f"blocks.{layer}.attn.hook_z"
+def _ablation_variants(model, tokens, heads):
+    """Logits of the usual mistakes: zero ablation, and the mean over the batch only (one mean per position)."""
+    layers = sorted({layer for layer, _ in heads})
+    names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=name)
-    z_all = cache[name]
-    replacements = {"zero": torch.zeros_like(z_all[0, 0]), "batch-only mean": None}
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    out = {}
+    for mistake in ("zero", "per-position mean"):
+        hooks = []
+        for layer in layers:
+            chosen = [head for l, head in heads if l == layer]
+            z_clean = cache[f"blocks.{layer}.attn.hook_z"]
+            value = torch.zeros_like(z_clean) if mistake == "zero" else z_clean.mean(0, keepdim=True).expand_as(z_clean)
 
-    def run(replace):
-        def hook(z, hook):
-            z = z.clone()
-            z[:, :, heads] = replace(z)[:, :, heads] if callable(replace) else replace[heads]
-            return z
+            def hook(z, hook, chosen=chosen, value=value):
+                z = z.clone()
+                z[:, :, chosen] = value[:, :, chosen]
+                return z
 
+            hooks.append((f"blocks.{layer}.attn.hook_z", hook))
         with torch.no_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
-        return logits
-
-    out = {"zero": run(replacements["zero"]),
-           "per-position mean": run(lambda z: z.mean(0, keepdim=True).expand_as(z))}
+            out[mistake] = model.run_with_hooks(tokens, fwd_hooks=hooks)
     return out
 
 
@@ -596,21 +599,21 @@ def _ablation_variants(model, tokens, half_len, layer, heads):
 def ablated_repeat_losses(answer, hidden):
     expect_callable(answer, "ablated_repeat_losses")
     model = _toy()
-    cases = [("layer 1, heads [1, 4] on 3 x 8 repeated tokens", 3, 8, 0, 1, [1, 4]),
-             ("layer 0, head [4] on 2 x 11 repeated tokens", 2, 11, 1, 0, [4]),
-             ("layer 1, no heads (a clean run) on 2 x 5 repeated tokens", 2, 5, 2, 1, [])]
+    cases = [("heads L1H1, L1H4 on 3 x 8 repeated tokens", 3, 8, 0, [(1, 1), (1, 4)]),
+             ("heads L0H4, L1H2 (two layers at once) on 2 x 11 repeated tokens", 2, 11, 1, [(0, 4), (1, 2)]),
+             ("no heads (a clean run) on 2 x 5 repeated tokens", 2, 5, 2, [])]
     if hidden:
         g = hidden_generator(32)
-        chosen = sorted(torch.randperm(8, generator=g)[:3].tolist())
-        cases.append((f"layer 1, heads {chosen} on 4 x 9 repeated tokens", 4, 9,
-                      int(torch.randint(0, 10**6, (1,), generator=g)), 1, chosen))
+        chosen = sorted((int(i) // 8, int(i) % 8) for i in torch.randperm(16, generator=g)[:3])
+        cases.append((f"heads {chosen} on 4 x 9 repeated tokens", 4, 9,
+                      int(torch.randint(0, 10**6, (1,), generator=g)), chosen))
     clean_check = _heads.repeated_random_tokens(1, 4, 1, model.cfg.d_vocab, bos=0, seed=99)
     with torch.no_grad():
         clean_logits = model(clean_check)
-    for what, n_batch, half_len, seed, layer, heads in cases:
+    for what, n_batch, half_len, seed, heads in cases:
         tokens = _heads.repeated_random_tokens(n_batch, half_len, 1, model.cfg.d_vocab, bos=0, seed=seed)
-        expected = _heads.ablated_repeat_losses(model, tokens, half_len, layer, list(heads))
-        got = answer(model, tokens.clone(), half_len, layer, list(heads))
+        expected = _heads.ablated_repeat_losses(model, tokens, half_len, list(heads))
+        got = answer(model, tokens.clone(), half_len, list(heads))
         with torch.no_grad():
             left_behind = not torch.allclose(model(clean_check), clean_logits, atol=1e-4)
         model.reset_hooks()
@@ -625,16 +628,22 @@ def ablated_repeat_losses(answer, hidden):
             continue
         if _close(got, expected.flip(-1), atol=1e-3):
             raise CheckFailed(f"{what}: your two columns are swapped: column 0 is the first copy, column 1 the second.")
-        for mistake, logits in _ablation_variants(model, tokens, half_len, layer, heads).items():
+        if len({layer for layer, _ in heads}) > 1:
+            for layer in {layer for layer, _ in heads}:
+                one_layer = _heads.ablated_repeat_losses(model, tokens, half_len, [p for p in heads if p[0] == layer])
+                if _close(got, one_layer, atol=1e-3):
+                    raise CheckFailed(f"{what}: only the heads of layer {layer} were ablated. Put one hook on every "
+                                      f"layer that has a head in the list, all in the same run.")
+        for mistake, logits in _ablation_variants(model, tokens, heads).items():
             per_copy = _per_sequence_losses(logits, tokens, half_len)
             if _close(got, per_copy, atol=1e-3):
                 raise CheckFailed(f"{what}: that is a {mistake} ablation. Replace the heads' hook_z by its mean over "
                                   f"the batch *and* all positions (one [d_head] vector per head), from a clean run "
                                   f"of the same tokens.")
         expect_tensor(got, expected, what, atol=1e-3, rtol=1e-3,
-                      hint="clean run -> mean hook_z over batch and positions; rerun with a hook on "
-                           "blocks.{layer}.attn.hook_z that writes that mean into the ablated heads; per-sequence "
-                           "next-token loss on tokens 2..half_len and half_len+2..2*half_len.")
+                      hint="clean run -> mean hook_z over batch and positions per layer; rerun with one hook per "
+                           "layer on blocks.{layer}.attn.hook_z that writes those means into the ablated heads; "
+                           "per-sequence next-token loss on tokens 2..half_len and half_len+2..2*half_len.")
     return f"{len(cases)} cases on the shipped toy"
 
 

@@ -165,7 +165,9 @@ def neuron_direct_effects(answer, hidden):
 
 def _roles_case(g, n_layers, n_heads, n_batch, n_pos):
     effect = 0.3 * torch.randn(n_layers, n_heads, generator=g)
-    pattern = (3 * torch.randn(n_layers, n_heads, n_batch, n_pos, generator=g)).softmax(-1)
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    pattern = [(3 * torch.randn(n_batch, n_heads, n_pos, n_pos, generator=g)).masked_fill(~causal, float("-inf"))
+               .softmax(-1) for _ in range(n_layers)]
     positions = {"IO": torch.randint(1, n_pos // 3, (n_batch,), generator=g),
                  "S1": torch.randint(n_pos // 3, 2 * n_pos // 3, (n_batch,), generator=g),
                  "S2": torch.randint(2 * n_pos // 3, n_pos - 1, (n_batch,), generator=g)}
@@ -181,7 +183,8 @@ def head_roles(answer, hidden):
         cases.append(("5 layers x 4 heads, 6 prompts", _roles_case(hidden_generator(63), 5, 4, 6, 15), 0.15))
     for what, (effect, pattern, positions), threshold in cases:
         expected = _circuits.head_roles(effect, pattern, positions, threshold)
-        got = answer(effect.clone(), pattern.clone(), {k: v.clone() for k, v in positions.items()}, threshold)
+        got = answer(effect.clone(), [p.clone() for p in pattern], {k: v.clone() for k, v in positions.items()},
+                     threshold)
         if not isinstance(got, dict) or set(got) != set(expected):
             raise CheckFailed(f"{what}: return a dict with the keys {sorted(expected)}, got "
                               f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
@@ -189,16 +192,15 @@ def head_roles(answer, hidden):
             mine = sorted(tuple(int(x) for x in pair) for pair in got[role])
             if mine == sorted(heads):
                 continue
-            per_prompt = pattern[:, :, torch.arange(pattern.shape[2]), positions["IO"]]
             if role != "S2 writers" and mine == sorted(_circuits.head_roles(effect, pattern, positions, threshold,
                                                                             io_over_s1_only=True)[role]):
                 raise CheckFailed(f"{what}: your {role} compare attention to IO with S1 only; the rule asks for more "
                                   f"attention to IO than to *either* S (S1 and S2).")
-            del per_prompt
             raise CheckFailed(f"{what}: your {role} are {mine}, expected {sorted(heads)}. Average each head's "
                               f"attention to IO, S1 and S2 over the prompts first (each prompt at its own positions), "
                               f"then apply the rule: |direct effect| above the threshold with the right sign, and "
-                              f"the most attention on the name the role names.")
+                              f"the most attention on the name the role names. The attention that counts is from END, "
+                              f"the last query position of each layer's pattern.")
     return f"{len(cases)} cases"
 
 
@@ -285,6 +287,9 @@ def mlp0_copying_scores(answer, hidden):
                       "k, else 0.0 (the chapter averages and bootstraps them).")
         if _close(got.float(), expected, atol=1e-6):
             continue
+        if negative and _close(got.float(), _mlp0_variant(model, token_ids, heads, top_k, False), atol=1e-6):
+            raise CheckFailed(f"{what}: with negative=True, flip the sign of the logits before taking the top k (a "
+                              f"negative head lowers the logit of what it copies).")
         tiled = _mlp0_variant(model, token_ids, heads, top_k, negative, tiled=True)
         if _close(got.float(), tiled, atol=1e-6):
             raise CheckFailed(f"{what}: you tiled the key/value heads. Query head h reads W_V of key/value head "
@@ -293,9 +298,6 @@ def mlp0_copying_scores(answer, hidden):
         if _close(got.float(), embed_only, atol=1e-6):
             raise CheckFailed(f"{what}: you used the raw token embeddings. Wang et al. read the residual stream after "
                               f"the first MLP (blocks.0.hook_resid_post at the token's position in [BOS, token]).")
-        if negative and _close(got.float(), _mlp0_variant(model, token_ids, heads, top_k, False), atol=1e-6):
-            raise CheckFailed(f"{what}: with negative=True, flip the sign of the logits before taking the top k (a "
-                              f"negative head lowers the logit of what it copies).")
         raise CheckFailed(f"{what}: your scores differ from the reference in {int((got.float() != expected).sum())} "
                           f"of {expected.numel()} places. resid = blocks.0.hook_resid_post at position 1 of [BOS, "
                           f"token]; logits = resid @ W_V[layer, kv] @ W_O[layer, head] @ W_U; 1.0 if the token is "
