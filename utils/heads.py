@@ -159,12 +159,33 @@ def fresh_toy(seed: int = 0, n_layers: int = 1, d_model: int = 32, n_heads: int 
 
 def train_toy(model, batches: Callable[[int], torch.Tensor], steps: int, lr: float, log_every: int = 50,
               callback: Callable | None = None) -> list[dict]:
-    """AdamW (weight decay 0) on next-token loss; `batches(step)` gives the [batch, pos] tokens of each step. Every
-    `log_every` steps and at the last step, appends {"step", "loss", **callback(step, model)} to the log it returns
-    (the callback runs with the model in eval mode and without gradients)."""
-    from utils.toy import train
-
-    return train(model, batches, steps=steps, lr=lr, log_every=log_every, callback=callback, desc="training")
+    """AdamW (weight decay 0) on next-token loss; `batches(step)` gives the [batch, pos] tokens of each step. At step
+    0, every `log_every` steps and at the last step, appends {"step", "loss", **callback(step, model)} to the log it
+    returns (the loss of that step's batch, before the update; the callback runs in eval mode without gradients).
+    The same updates as `utils.toy.train`, without its progress bar."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    log: list[dict] = []
+    with torch.enable_grad():
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        model.train()
+        for step in range(steps):
+            tokens = batches(step)
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step % log_every == 0 or step == steps - 1:
+                entry = {"step": step, "loss": loss.item()}
+                if callback is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        entry.update(callback(step, model))
+                    model.train()
+                log.append(entry)
+    model.eval()
+    return log
 
 
 def loss_probe(step: int, model) -> dict:

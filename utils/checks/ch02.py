@@ -11,7 +11,6 @@ import torch
 
 from utils import heads as _heads
 from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor, hidden_generator
-from utils.toy import train as _toy_train
 
 
 def _close(got, expected, atol: float = 1e-4) -> bool:
@@ -331,7 +330,7 @@ def _toy_batches(n_ctx: int, d_vocab: int, seed: int):
                              min_len=4)
 
 
-@exercise("02", "2.7", "train_toy", "The training loop", points=3, reference=_toy_train)
+@exercise("02", "2.7", "train_toy", "The training loop", points=3, reference=_heads.train_toy)
 def train_toy(answer, hidden):
     expect_callable(answer, "train_toy")
     cases = [(1, 12, 1e-2, 4, None), (2, 9, 3e-3, 4, _heads.loss_probe)]  # model seed, steps, lr, log_every, callback
@@ -342,8 +341,8 @@ def train_toy(answer, hidden):
         what = (f"a fresh toy (seed {seed}), {steps} steps at lr {lr:g}, logging every {log_every}"
                 f"{' with a callback' if callback else ''}")
         batches = _toy_batches(24, 40, seed)
-        expected = _toy_train(_heads.fresh_toy(seed), batches, steps=steps, lr=lr, log_every=log_every,
-                              callback=callback, desc="reference")
+        expected = _heads.train_toy(_heads.fresh_toy(seed), batches, steps=steps, lr=lr, log_every=log_every,
+                                    callback=callback)
         got = answer(_heads.fresh_toy(seed), batches, steps=steps, lr=lr, log_every=log_every, callback=callback)
         if not isinstance(got, (list, tuple)) or not all(isinstance(entry, dict) for entry in got):
             raise CheckFailed(f"{what}: return the log, a list of dicts ({{'step': ..., 'loss': ..., ...}}), got "
