@@ -12,10 +12,8 @@ from utils.checks import ch06
 from utils.lens import rms
 from tests.check_helpers import passes as _passes, rejected as _rejected, stub as _stub
 
-
-ALL_CHECKS = [ch06.expand_kv_heads, ch06.z_from_weights, ch06.residual_components, ch06.direct_logit_attribution,
-              ch06.factored_svd, ch06.copying_score, ch06.ov_eigenvalues]
-
+ALL_CHECKS = [ch06.attention_from_weights, ch06.neuron_direct_effects, ch06.head_roles, ch06.factored_svd,
+              ch06.copying_score, ch06.ov_eigenvalues, ch06.composed_qk_circuit, ch06.mlp0_copying_scores]
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda check: check.__name__)
 def test_stub_is_not_attempted(check):
@@ -24,124 +22,182 @@ def test_stub_is_not_attempted(check):
     assert result.message.startswith("not attempted"), result.message
 
 
-def test_registry_lists_seven_exercises():
+def test_registry_lists_eight_exercises():
     from utils.checks import chapter_exercises
 
     entries = chapter_exercises("06")
-    assert [entry.number for entry in entries.values()] == ["6.1", "6.2", "6.3", "6.4", "6.5", "6.6", "6.7"]
-    assert sum(entry.points for entry in entries.values()) == 11
+    assert sorted(entry.number for entry in entries.values()) == [f"6.{i}" for i in range(1, 9)]
+    assert all(entry.reference is not None for entry in entries.values())
 
 
-# 6.1 ------------------------------------------------------------------------------------------------------
+# 6.1 attention_from_weights -----------------------------------------------------------------------------------
 
-def test_expand_kv_heads_reference_passes():
-    _passes(ch06.expand_kv_heads, circuits.expand_kv_heads)
+def _attention(tile=False, sqrt=True, mask=True, q_bias=True, v_bias=True):
+    def attention_from_weights(normalized, W_Q, b_Q, W_K, b_K, W_V, b_V):
+        group = W_Q.shape[0] // W_K.shape[0]
+        expand = (lambda w: w.repeat(group, *([1] * (w.ndim - 1)))) if tile else (lambda w: w.repeat_interleave(group, 0))
+        W_K, b_K, W_V, b_V = expand(W_K), expand(b_K), expand(W_V), expand(b_V)
+        q = torch.einsum("bpd,hde->bhpe", normalized, W_Q) + (b_Q[:, None] if q_bias else 0)
+        k = torch.einsum("bpd,hde->bhpe", normalized, W_K) + b_K[:, None]
+        v = torch.einsum("bpd,hde->bhpe", normalized, W_V) + (b_V[:, None] if v_bias else 0)
+        scores = q @ k.transpose(-1, -2) / (W_Q.shape[-1] ** 0.5 if sqrt else 1)
+        if mask:
+            n = normalized.shape[1]
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        pattern = scores.softmax(-1)
+        return pattern, torch.einsum("bhqk,bhke->bqhe", pattern, v)
 
-
-def test_expand_kv_heads_tiled_rejected():
-    def tiled(W, n_heads):
-        return W.repeat(*([1] * (W.ndim - 3)), n_heads // W.shape[-3], 1, 1)
-
-    _rejected(ch06.expand_kv_heads, tiled, "tiled", "repeat_interleave")
-
-
-def test_expand_kv_heads_no_expansion_rejected():
-    _rejected(ch06.expand_kv_heads, lambda W, n_heads: W, "expected shape")
-
-
-# 6.2 ------------------------------------------------------------------------------------------------------
-
-def test_z_from_weights_reference_passes():
-    _passes(ch06.z_from_weights, circuits.z_from_weights)
+    return attention_from_weights
 
 
-def test_z_from_weights_tiled_rejected():
-    def tiled(pattern, normalized, W_V):
-        W = W_V.repeat(pattern.shape[1] // W_V.shape[0], 1, 1)
-        values = torch.einsum("bpd,hde->bphe", normalized, W)
-        return torch.einsum("bhqk,bkhe->bqhe", pattern, values)
-
-    _rejected(ch06.z_from_weights, tiled, "tiled")
+def test_attention_hand_written_passes():
+    _passes(ch06.attention_from_weights, _attention())
 
 
-def test_z_from_weights_transposed_pattern_rejected():
-    def transposed(pattern, normalized, W_V):
-        values = torch.einsum("bpd,hde->bphe", normalized, circuits.expand_kv_heads(W_V, pattern.shape[1]))
-        return torch.einsum("bhkq,bkhe->bqhe", pattern, values)
-
-    _rejected(ch06.z_from_weights, transposed, "swapped the query and key")
+def test_attention_tiled_rejected():
+    _rejected(ch06.attention_from_weights, _attention(tile=True), "tiled")
 
 
-def test_z_from_weights_per_kv_head_rejected():
-    def per_kv(pattern, normalized, W_V):  # forgot to expand: one z per key/value head
-        values = torch.einsum("bpd,hde->bphe", normalized, W_V)
-        return torch.einsum("bhqk,bkhe->bqhe", pattern[:, :W_V.shape[0]], values)
-
-    _rejected(ch06.z_from_weights, per_kv, "query")
+def test_attention_no_sqrt_rejected():
+    _rejected(ch06.attention_from_weights, _attention(sqrt=False), "sqrt(d_head)")
 
 
-# 6.3 ------------------------------------------------------------------------------------------------------
-
-def test_residual_components_reference_passes():
-    _passes(ch06.residual_components, circuits.residual_components)
+def test_attention_no_mask_rejected():
+    _rejected(ch06.attention_from_weights, _attention(mask=False), "mask")
 
 
-def test_residual_components_missing_embedding_rejected():
-    _rejected(ch06.residual_components, lambda cache, n_layers, pos=-1: circuits.residual_components(
-        cache, n_layers, pos)[1:], "embedding")
+def test_attention_no_query_bias_rejected():
+    _rejected(ch06.attention_from_weights, _attention(q_bias=False), "b_Q")
 
 
-def test_residual_components_blocked_order_rejected():
-    def blocked(cache, n_layers, pos=-1):
-        rows = circuits.residual_components(cache, n_layers, pos)
-        return torch.cat([rows[:1], rows[1::2], rows[2::2]])
-
-    _rejected(ch06.residual_components, blocked, "order")
+def test_attention_no_value_bias_rejected():
+    _rejected(ch06.attention_from_weights, _attention(v_bias=False), "b_V")
 
 
-def test_residual_components_running_totals_rejected():
-    def totals(cache, n_layers, pos=-1):
-        rows = [cache["blocks.0.hook_resid_pre"][:, pos]]
-        for layer in range(n_layers):
-            rows += [cache[f"blocks.{layer}.hook_resid_mid"][:, pos], cache[f"blocks.{layer}.hook_resid_post"][:, pos]]
-        return torch.stack(rows)
+def test_attention_reproduces_the_toy():
+    from utils.heads import induction_toy, repeated_random_tokens
 
-    _rejected(ch06.residual_components, totals, "running totals")
-
-
-def test_residual_components_all_positions_rejected():
-    def every_position(cache, n_layers, pos=-1):
-        rows = [cache["blocks.0.hook_resid_pre"]]
-        for layer in range(n_layers):
-            rows += [cache[f"blocks.{layer}.hook_attn_out"], cache[f"blocks.{layer}.hook_mlp_out"]]
-        return torch.stack(rows)
-
-    _rejected(ch06.residual_components, every_position, "position")
+    toy = induction_toy()
+    tokens = repeated_random_tokens(2, 6, 1, 500, bos=0, seed=0)
+    _, cache = toy.run_with_cache(tokens)
+    for layer in range(2):
+        pattern, z = circuits.attention_from_weights(cache[f"blocks.{layer}.ln1.hook_out"], toy.W_Q[layer],
+                                                     toy.b_Q[layer], toy.W_K[layer], toy.b_K[layer], toy.W_V[layer],
+                                                     toy.b_V[layer])
+        assert torch.allclose(pattern, cache[f"blocks.{layer}.attn.hook_pattern"], atol=1e-5)
+        assert torch.allclose(z, cache[f"blocks.{layer}.attn.hook_z"], atol=1e-4)
 
 
-# 6.4 ------------------------------------------------------------------------------------------------------
+# 6.2 neuron_direct_effects -------------------------------------------------------------------------------------
 
-def test_dla_reference_passes():
-    _passes(ch06.direct_logit_attribution, circuits.direct_logit_attribution)
-
-
-def test_dla_without_norm_rejected():
-    _rejected(ch06.direct_logit_attribution, lambda c, f, d: (c * d.T).sum(-1), "final norm")
+def test_neuron_effects_hand_written_passes():
+    _passes(ch06.neuron_direct_effects,
+            lambda post, W_out, final, d: torch.einsum("lbn,lnm,mb->lnb", post, W_out, d) / rms(final)[:, 0])
 
 
-def test_dla_own_rms_rejected():
-    _rejected(ch06.direct_logit_attribution, lambda c, f, d: ((c / rms(c)) * d.T).sum(-1), "own rms")
+def test_neuron_effects_without_norm_rejected():
+    _rejected(ch06.neuron_direct_effects, lambda post, W_out, final, d: torch.einsum("lbn,lnm,mb->lnb", post, W_out, d),
+              "final norm")
 
 
-def test_dla_summed_over_batch_rejected():
-    _rejected(ch06.direct_logit_attribution,
-              lambda c, f, d: circuits.direct_logit_attribution(c, f, d).sum(-1), "batch")
+def test_neuron_effects_wrong_layout_rejected():
+    _rejected(ch06.neuron_direct_effects,
+              lambda post, W_out, final, d: torch.einsum("lbn,lnm,mb->lbn", post, W_out, d) / rms(final)[:, 0, None],
+              "[n_layers, d_mlp, batch]")
 
 
-def test_dla_wrong_sign_rejected():
-    _rejected(ch06.direct_logit_attribution, lambda c, f, d: -circuits.direct_logit_attribution(c, f, d), "sign")
+def test_neuron_effects_wrong_sign_rejected():
+    _rejected(ch06.neuron_direct_effects, lambda *a: -circuits.neuron_direct_effects(*a), "sign")
 
 
+# 6.3 head_roles -----------------------------------------------------------------------------------------------
+
+def _roles(s1_only=False, per_prompt_first=False):
+    def head_roles(effect, patterns, positions, threshold):
+        pattern = torch.stack([p[:, :, -1] for p in patterns]).transpose(1, 2)
+        rows = torch.arange(pattern.shape[2])
+        to = {r: pattern[:, :, rows, positions[r]].mean(-1) for r in ("IO", "S1", "S2")}
+        s = to["S1"] if s1_only else torch.maximum(to["S1"], to["S2"])
+        io = to["IO"] > s
+        s2 = to["S2"] > torch.maximum(to["IO"], to["S1"])
+        if per_prompt_first:  # a different (wrong) reading: the first prompt only
+            io = pattern[:, :, 0, positions["IO"][0]] > pattern[:, :, 0, positions["S1"][0]]
+        masks = {"name movers": (effect > threshold) & io, "negative name movers": (effect < -threshold) & io,
+                 "S2 writers": (effect > threshold) & s2}
+        return {k: [tuple(x) for x in m.nonzero().tolist()] for k, m in masks.items()}
+
+    return head_roles
+
+
+def test_head_roles_hand_written_passes():
+    _passes(ch06.head_roles, _roles())
+
+
+def test_head_roles_s1_only_rejected():
+    _rejected(ch06.head_roles, _roles(s1_only=True), "S1 only")
+
+
+def test_head_roles_first_prompt_rejected():
+    _rejected(ch06.head_roles, _roles(per_prompt_first=True), "over the prompts")
+
+
+def test_head_roles_wrong_keys_rejected():
+    _rejected(ch06.head_roles, lambda *a: {"movers": []}, "keys")
+
+
+# 6.7 composed_qk_circuit --------------------------------------------------------------------------------------
+
+def _ln(x):
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+
+
+def test_composed_qk_hand_written_passes():
+    _passes(ch06.composed_qk_circuit,
+            lambda E, V0, O0, Q1, K1: (_ln(E) @ Q1) @ (_ln(E) @ (V0 @ O0).sum(0) @ K1).T)
+
+
+def test_composed_qk_raw_embeddings_rejected():
+    _rejected(ch06.composed_qk_circuit, lambda E, V0, O0, Q1, K1: (E @ Q1) @ (E @ (V0 @ O0).sum(0) @ K1).T, "raw")
+
+
+def test_composed_qk_direct_circuit_rejected():
+    _rejected(ch06.composed_qk_circuit, lambda E, V0, O0, Q1, K1: (_ln(E) @ Q1) @ (_ln(E) @ K1).T, "direct QK")
+
+
+def test_composed_qk_transposed_rejected():
+    _rejected(ch06.composed_qk_circuit,
+              lambda E, V0, O0, Q1, K1: ((_ln(E) @ Q1) @ (_ln(E) @ (V0 @ O0).sum(0) @ K1).T).T, "transposed")
+
+
+# 6.8 mlp0_copying_scores --------------------------------------------------------------------------------------
+
+def test_mlp0_tiled_rejected():
+    _rejected(ch06.mlp0_copying_scores,
+              lambda m, ids, hs, k, neg: ch06._mlp0_variant(m, ids, hs, k, neg, tiled=True), "tiled")
+
+
+def test_mlp0_raw_embeddings_rejected():
+    _rejected(ch06.mlp0_copying_scores,
+              lambda m, ids, hs, k, neg: ch06._mlp0_variant(m, ids, hs, k, neg, embed_only=True), "first MLP")
+
+
+def test_mlp0_ignores_negative_rejected():
+    _rejected(ch06.mlp0_copying_scores,
+              lambda m, ids, hs, k, neg: ch06._mlp0_variant(m, ids, hs, k, False), "flip the sign")
+
+
+def test_mlp0_name_movers_copy():
+    from utils import ioi
+    from utils.models import model_for_checks
+
+    model = model_for_checks()
+    ids = torch.tensor([ioi.single_token_id(model, n) for n in ioi.NAMES if ioi._is_single_token(model, n)])
+    scores = circuits.mlp0_copying_scores(model, ids, [(23, 0), (23, 2), (29, 0)]).mean(-1)
+    assert scores[0] > 0.5 and scores[1] > 0.5 and scores[2] < 0.5
+
+
+# 6.4 - 6.6 (factored SVD, copying score, OV eigenvalues) ------------------------------------------------------
 # 6.5 ------------------------------------------------------------------------------------------------------
 
 def test_factored_svd_reference_passes():
@@ -179,7 +235,7 @@ def test_factored_svd_ascending_rejected():
     _rejected(ch06.factored_svd, ascending, "descending")
 
 
-# 6.6 ------------------------------------------------------------------------------------------------------
+# 6.5 ------------------------------------------------------------------------------------------------------
 
 def test_copying_score_reference_passes():
     _passes(ch06.copying_score, circuits.copying_score)
@@ -201,7 +257,7 @@ def test_copying_score_wrong_axis_rejected():
     _rejected(ch06.copying_score, lambda e: e.real.sum() / e.abs().sum(), "last axis")
 
 
-# 6.7 ------------------------------------------------------------------------------------------------------
+# 6.6 ------------------------------------------------------------------------------------------------------
 
 def test_ov_eigenvalues_reference_passes():
     _passes(ch06.ov_eigenvalues, circuits.ov_eigenvalues)

@@ -110,3 +110,39 @@ def test_toy_induction_heads_copy():
     scores = circuits.copying_score(circuits.ov_eigenvalues(toy.W_V, toy.W_O, toy.W_U @ toy.W_E))
     assert scores.shape == (2, 8)
     assert (scores[1] > 0.9).all(), scores
+
+
+def test_attention_from_weights_reproduces_the_toy():
+    from utils.heads import induction_toy, repeated_random_tokens
+
+    toy = induction_toy()
+    tokens = repeated_random_tokens(2, 6, 1, 500, bos=0, seed=0)
+    with torch.no_grad():
+        _, cache = toy.run_with_cache(tokens)
+    for layer in range(2):
+        pattern, z = circuits.attention_from_weights(cache[f"blocks.{layer}.ln1.hook_out"], toy.W_Q[layer],
+                                                     toy.b_Q[layer], toy.W_K[layer], toy.b_K[layer], toy.W_V[layer],
+                                                     toy.b_V[layer])
+        assert torch.allclose(pattern, cache[f"blocks.{layer}.attn.hook_pattern"], atol=1e-5)
+        assert torch.allclose(z, cache[f"blocks.{layer}.attn.hook_z"], atol=1e-4)
+
+
+def test_composed_qk_circuit_finds_the_previous_token():
+    from utils.heads import induction_toy
+
+    toy = induction_toy()
+    with torch.no_grad():
+        circuit = circuits.composed_qk_circuit(toy.W_E, toy.W_V[0, [2, 4]], toy.W_O[0, [2, 4]], toy.W_Q[1, 4],
+                                               toy.W_K[1, 4])
+    hits = (circuit[1:, 1:].argmax(-1) == torch.arange(499)).float().mean()
+    assert hits > 0.5  # far above chance (1/499)
+    assert (circuits.diagonal_ranks(circuit) >= 0).all()
+
+
+def test_head_roles_rule():
+    effect = torch.tensor([[0.5, -0.5, 0.5, 0.05]])
+    pattern = torch.zeros(1, 4, 4, 4)  # one prompt, IO at 1, S1 at 2, S2 at 3, END = 3
+    pattern[0, 0, -1, 1] = pattern[0, 1, -1, 1] = pattern[0, 2, -1, 3] = pattern[0, 3, -1, 1] = 1.0
+    roles = circuits.head_roles(effect, [pattern], {"IO": torch.tensor([1]), "S1": torch.tensor([2]),
+                                                    "S2": torch.tensor([3])}, 0.1)
+    assert roles == {"name movers": [(0, 0)], "negative name movers": [(0, 1)], "S2 writers": [(0, 2)]}

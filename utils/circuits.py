@@ -159,3 +159,102 @@ def top_heads(scores: Tensor, k: int, largest: bool = True) -> list[tuple[int, i
     n_heads = scores.shape[1]
     indices = scores.flatten().topk(k, largest=largest).indices
     return [(int(i) // n_heads, int(i) % n_heads) for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention recomputed from the weights; QK circuits; Wang et al.'s copying score
+# ---------------------------------------------------------------------------------------------------------
+
+
+def attention_from_weights(normalized: Tensor, W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor, W_V: Tensor,
+                           b_V: Tensor) -> tuple[Tensor, Tensor]:
+    """(pattern `[batch, n_heads, query_pos, key_pos]`, z `[batch, pos, n_heads, d_head]`): one attention layer
+    recomputed from its weights, for a model without rotary embeddings (the toy). `normalized` `[batch, pos,
+    d_model]` is the layer's input after its norm (`ln1.hook_out`); `W_Q` `[n_heads, d_model, d_head]`, `b_Q`
+    `[n_heads, d_head]`; `W_K`, `W_V` `[n_kv_heads, d_model, d_head]`, `b_K`, `b_V` `[n_kv_heads, d_head]`, with
+    query head h reading key/value head h // (n_heads // n_kv_heads)."""
+    n_heads, d_head = W_Q.shape[0], W_Q.shape[-1]
+    group = n_heads // W_K.shape[0]
+    W_K, W_V = W_K.repeat_interleave(group, 0), W_V.repeat_interleave(group, 0)
+    b_K, b_V = b_K.repeat_interleave(group, 0), b_V.repeat_interleave(group, 0)
+    q = torch.einsum("bpd,hde->bhpe", normalized, W_Q) + b_Q[:, None]
+    k = torch.einsum("bpd,hde->bhpe", normalized, W_K) + b_K[:, None]
+    v = torch.einsum("bpd,hde->bhpe", normalized, W_V) + b_V[:, None]
+    scores = q @ k.transpose(-1, -2) / d_head ** 0.5
+    n_pos = normalized.shape[1]
+    future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=scores.device).triu(1)
+    pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
+    z = torch.einsum("bhqk,bhke->bqhe", pattern, v)
+    return pattern, z
+
+
+def _ln_pre(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def composed_qk_circuit(W_E: Tensor, W_V0: Tensor, W_O0: Tensor, W_Q1: Tensor, W_K1: Tensor) -> Tensor:
+    """`[d_vocab, d_vocab]`: a layer-1 head's QK circuit read through layer-0 heads' OV circuits (K-composition).
+
+    Entry [a, b]: the score a query whose token is a gives a key *whose previous token is* b, if the key side held
+    only what the layer-0 heads wrote from b: `LN(W_E)[a] W_Q1 W_K1^T (LN(W_E)[b] sum_h W_V0[h] W_O0[h])^T`, with
+    LN the toy's folded layer norm (centre, divide by the root mean square) applied to the embeddings. An
+    induction head's row a peaks at b = a. `W_V0` `[n, d_model, d_head]`, `W_O0` `[n, d_head, d_model]` the layer-0
+    heads (summed); `W_Q1`, `W_K1` `[d_model, d_head]` the layer-1 head's.
+    """
+    embed = _ln_pre(W_E)
+    written = embed @ (W_V0 @ W_O0).sum(0)  # [d_vocab, d_model]: what the layer-0 heads write, moved from token b
+    return (embed @ W_Q1) @ (written @ W_K1).T
+
+
+def diagonal_ranks(circuit: Tensor) -> Tensor:
+    """`[n]` long: for each row a, how many entries of the row beat its diagonal entry (0: the diagonal wins)."""
+    diagonal = circuit.diagonal()
+    return (circuit > diagonal[:, None]).sum(-1)
+
+
+def mlp0_copying_scores(model, token_ids: Tensor, heads: list[tuple[int, int]], top_k: int = 5,
+                        negative: bool = False) -> Tensor:
+    """`[len(heads), n_tokens]` float, 1.0 or 0.0: Wang et al.'s copying score of each head, per token. Each token
+    is run alone after BOS ([BOS, token]); the residual stream after the first MLP at the token's position
+    (`blocks.0.hook_resid_post`, position 1) is sent through the head's OV circuit and the unembedding
+    (sign-flipped when `negative`, for negative heads); 1.0 where the token's own logit is among the `top_k`
+    largest. The norms before W_V and W_U only rescale a row by a positive number, which does not change its top k,
+    so they are left out. Key/value heads are grouped: query head h reads key/value head h // (n_heads // n_kv_heads).
+    """
+    bos = int(model.to_tokens("")[0, 0])
+    tokens = torch.stack([torch.full_like(token_ids, bos), token_ids], dim=1)  # [n, 2]
+    name = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=name, stop_at_layer=1)
+    resid = cache[name][:, 1]  # [n, d_model]
+    group = model.cfg.n_heads // model.W_V.shape[1]
+    scores = []
+    for layer, head in heads:
+        logits = resid @ model.W_V[layer, head // group] @ model.W_O[layer, head] @ model.W_U  # [n, d_vocab]
+        top = (-logits if negative else logits).topk(top_k, dim=-1).indices
+        scores.append((top == token_ids[:, None]).any(-1).float())
+    return torch.stack(scores)
+
+
+def head_roles(head_effect: Tensor, patterns: list[Tensor], positions: dict, threshold: float = 0.1,
+               io_over_s1_only: bool = False) -> dict[str, list[tuple[int, int]]]:
+    """Chapter 04's rule for the IOI heads, from direct effects and attention from the last position (END).
+
+    `head_effect` `[n_layers, n_heads]` (mean direct effect on logit(IO) - logit(S)), `patterns` one `[batch,
+    n_heads, pos, pos]` attention pattern per layer (END is the last position), `positions` {"IO", "S1", "S2"}:
+    `[batch]` each. With a the mean attention from END to each name over the prompts: name movers have an effect
+    above `threshold` and a["IO"] > max(a["S1"], a["S2"]); negative name movers the same with an effect below
+    -threshold; "S2 writers" an effect above `threshold` and a["S2"] > max(a["IO"], a["S1"]). Lists in (layer, head)
+    order.
+    """
+    end = torch.stack([pattern[:, :, -1] for pattern in patterns]).transpose(1, 2)  # [layer, head, batch, key]
+    prompts = torch.arange(end.shape[2])
+    to = {role: end[:, :, prompts, positions[role]].mean(-1) for role in ("IO", "S1", "S2")}
+    s_max = to["S1"] if io_over_s1_only else torch.maximum(to["S1"], to["S2"])
+    attends_io = to["IO"] > s_max
+    attends_s2 = to["S2"] > torch.maximum(to["IO"], to["S1"])
+    masks = {"name movers": (head_effect > threshold) & attends_io,
+             "negative name movers": (head_effect < -threshold) & attends_io,
+             "S2 writers": (head_effect > threshold) & attends_s2}
+    return {role: [(int(l), int(h)) for l, h in mask.nonzero().tolist()] for role, mask in masks.items()}

@@ -1,9 +1,10 @@
 """Checks for chapter 06 — Reading the weights.
 
-References come from `utils.circuits`. Every check runs the learner's function on small synthetic tensors whose
-right answer is known (no model is loaded, so the checks take milliseconds), and compares a wrong answer with the
-usual mistakes (tiling instead of grouping key/value heads, forgetting the embedding row or the final norm's scale,
-taking eigenvalues of the wrong product) to say which one it is.
+References come from `utils.circuits`. Most checks run the learner's function on small synthetic tensors whose
+right answer is known, plus one case from the real model (the shipped toy, or SmolLM2 for the copying score through
+MLP0), and compare a wrong answer with the usual mistakes (tiling instead of grouping key/value heads, a missing
+mask or bias, taking eigenvalues of the wrong product) to say which one it is. Hidden cases draw their random
+tensors from `hidden_generator`, afresh for every grading run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from utils import circuits as _circuits
-from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor, hidden_generator
 from utils.lens import rms as _rms
 
 
@@ -34,177 +35,306 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _toy():
+    from utils.heads import induction_toy
+
+    return induction_toy()
+
+
 # ---------------------------------------------------------------------------------------------------------
-# 6.1 — grouped key/value heads
+# 6.1 — an attention layer from its weights
 # ---------------------------------------------------------------------------------------------------------
 
 
-@exercise("06", "6.1", "expand_kv_heads", "One key/value weight per query head")
-def expand_kv_heads(answer, hidden):
-    expect_callable(answer, "expand_kv_heads")
-    cases = [((3, 5, 4), 9, 0), ((2, 3, 6, 2), 6, 1)]  # (W shape with the kv axis at -3, n_heads, seed)
+def _attention_case(g, n_batch, n_pos, n_heads, n_kv, d_model, d_head):
+    return (torch.randn(n_batch, n_pos, d_model, generator=g), torch.randn(n_heads, d_model, d_head, generator=g),
+            torch.randn(n_heads, d_head, generator=g), torch.randn(n_kv, d_model, d_head, generator=g),
+            torch.randn(n_kv, d_head, generator=g), torch.randn(n_kv, d_model, d_head, generator=g),
+            torch.randn(n_kv, d_head, generator=g))
+
+
+def _toy_attention_case():
+    from utils.heads import repeated_random_tokens
+
+    toy = _toy()
+    tokens = repeated_random_tokens(2, 5, 1, toy.cfg.d_vocab, bos=0, seed=61)
+    with torch.no_grad():
+        _, cache = toy.run_with_cache(tokens, names_filter="blocks.1.ln1.hook_out")
+    layer = 1
+    weights = (toy.W_Q[layer], toy.b_Q[layer], toy.W_K[layer], toy.b_K[layer], toy.W_V[layer], toy.b_V[layer])
+    return (cache["blocks.1.ln1.hook_out"].clone(), *(w.detach().clone() for w in weights))
+
+
+@exercise("06", "6.1", "attention_from_weights", "An attention layer, recomputed from its weights", points=3,
+          reference=_circuits.attention_from_weights)
+def attention_from_weights(answer, hidden):
+    expect_callable(answer, "attention_from_weights")
+    cases = [("the toy's layer 1 (8 heads) on 2 x 5 repeated tokens", _toy_attention_case()),
+             ("random weights, 6 query heads sharing 3 key/value heads",
+              _attention_case(_gen(61), 2, 5, 6, 3, 8, 4))]
     if hidden:
-        cases += [((4, 4, 3), 4, 2), ((1, 2, 3, 3), 8, 3)]
-    for shape, n_heads, seed in cases:
-        W = torch.randn(*shape, generator=_gen(seed))
-        what = f"W of shape {shape} (n_kv_heads = {shape[-3]}), n_heads = {n_heads}"
-        got = answer(W.clone(), n_heads)
-        expected = _circuits.expand_kv_heads(W, n_heads)
-        _expect_shape(got, tuple(expected.shape), what, "Repeat along the key/value-head axis (the third from the "
-                      "end) up to n_heads.")
-        if _close(got, expected):
-            continue
-        n_kv = shape[-3]
-        if _close(got, W.repeat(*([1] * (W.ndim - 3)), n_heads // n_kv, 1, 1)):
-            raise CheckFailed(f"{what}: you tiled the key/value heads (0, 1, 2, 0, 1, 2, ...). Query heads that share a "
-                              f"key/value head are consecutive: head h reads h // (n_heads // n_kv_heads), so the "
-                              f"order is 0, 0, 0, 1, 1, 1, ... (repeat_interleave).")
-        expect_tensor(got, expected, what, hint="query head h gets key/value head h // (n_heads // n_kv_heads).")
+        cases.append(("random weights, 4 query heads sharing 2 key/value heads, 7 positions",
+                      _attention_case(hidden_generator(61), 1, 7, 4, 2, 6, 3)))
+    for what, args in cases:
+        expected_pattern, expected_z = _circuits.attention_from_weights(*args)
+        got = answer(*(a.clone() for a in args))
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise CheckFailed(f"{what}: return the pair (pattern, z), got {type(got).__name__}.")
+        pattern, z = got
+        _expect_shape(pattern, tuple(expected_pattern.shape), what + ", pattern", "[batch, n_heads, query_pos, key_pos].")
+        if not _close(pattern, expected_pattern, atol=1e-4):
+            if (pattern.detach().triu(1).abs() > 1e-6).any():
+                raise CheckFailed(f"{what}: your pattern attends to later positions: mask keys j > i with -inf before "
+                                  f"the softmax.")
+            normalized, W_Q, b_Q, W_K, b_K = args[:5]
+            group = W_Q.shape[0] // W_K.shape[0]
+            if group > 1:
+                tiled = _circuits.attention_from_weights(normalized, W_Q, b_Q, W_K.repeat(group, 1, 1),
+                                                         b_K.repeat(group, 1), args[5].repeat(group, 1, 1),
+                                                         args[6].repeat(group, 1))[0]
+                if _close(pattern, tiled, atol=1e-4):
+                    raise CheckFailed(f"{what}: you tiled the key/value heads (0, 1, 2, 0, 1, 2, ...). Query head h reads "
+                                      f"key/value head h // (n_heads // n_kv_heads): repeat_interleave.")
+            d_head = W_Q.shape[-1]
+            q = torch.einsum("bpd,hde->bhpe", normalized, W_Q) + b_Q[:, None]
+            k = torch.einsum("bpd,hde->bhpe", normalized, W_K.repeat_interleave(group, 0)) + \
+                b_K.repeat_interleave(group, 0)[:, None]
+            mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).triu(1)
+            unscaled = (q @ k.transpose(-1, -2)).masked_fill(mask, float("-inf")).softmax(-1)
+            if _close(pattern, unscaled, atol=1e-4):
+                raise CheckFailed(f"{what}: you forgot to divide the scores by sqrt(d_head) = {d_head ** 0.5:.3g}.")
+            no_bias = (torch.einsum("bpd,hde->bhpe", normalized, W_Q) @ k.transpose(-1, -2) / d_head ** 0.5) \
+                .masked_fill(mask, float("-inf")).softmax(-1)
+            if _close(pattern, no_bias, atol=1e-4):
+                raise CheckFailed(f"{what}: you left out b_Q (the folded layer norm moved its bias into b_Q, b_K, b_V).")
+            expect_tensor(pattern, expected_pattern, what + ", pattern",
+                          hint="q = x W_Q + b_Q, k = x W_K + b_K per head; scores q.k / sqrt(d_head); causal mask; "
+                               "softmax over keys.")
+        _expect_shape(z, tuple(expected_z.shape), what + ", z", "[batch, pos, n_heads, d_head], the layout of hook_z.")
+        if not _close(z, expected_z, atol=1e-4):
+            v_no_bias = _circuits.attention_from_weights(*args[:6], torch.zeros_like(args[6]))[1]
+            if _close(z, v_no_bias, atol=1e-4):
+                raise CheckFailed(f"{what}: your z leaves out b_V: v = x W_V + b_V.")
+            expect_tensor(z, expected_z, what + ", z", hint="v = x W_V + b_V; z[b, q, h] = sum over keys k of "
+                          "pattern[b, h, q, k] v[b, k, h].")
     return f"{len(cases)} cases"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6.2 — hook_z from the weights
+# 6.2 — direct logit attribution, neuron by neuron
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _pattern(n_batch: int, n_heads: int, n_pos: int, generator) -> torch.Tensor:
-    scores = 2.0 * torch.randn(n_batch, n_heads, n_pos, n_pos, generator=generator)
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
-
-@exercise("06", "6.2", "z_from_weights", "hook_z from the weights", points=2)
-def z_from_weights(answer, hidden):
-    expect_callable(answer, "z_from_weights")
-    cases = [(2, 6, 3, 5, 8, 4, 0), (1, 4, 2, 7, 6, 3, 1)]  # batch, heads, kv heads, pos, d_model, d_head, seed
+@exercise("06", "6.2", "neuron_direct_effects", "Direct effects of single neurons", points=2,
+          reference=_circuits.neuron_direct_effects)
+def neuron_direct_effects(answer, hidden):
+    expect_callable(answer, "neuron_direct_effects")
+    cases = [(2, 3, 5, 4, _gen(62)), (3, 2, 6, 3, _gen(63))]  # layers, batch, d_mlp, d_model
     if hidden:
-        cases += [(3, 3, 3, 4, 5, 2, 2), (2, 9, 3, 6, 12, 4, 3)]
-    for n_batch, n_heads, n_kv, n_pos, d_model, d_head, seed in cases:
-        generator = _gen(seed)
-        pattern = _pattern(n_batch, n_heads, n_pos, generator)
-        normalized = torch.randn(n_batch, n_pos, d_model, generator=generator)
-        W_V = torch.randn(n_kv, d_model, d_head, generator=generator)
-        what = f"{n_heads} query heads sharing {n_kv} key/value heads (batch {n_batch}, {n_pos} positions)"
-        got = answer(pattern.clone(), normalized.clone(), W_V.clone())
-        expected = _circuits.z_from_weights(pattern, normalized, W_V)
-        _expect_shape(got, tuple(expected.shape), what, "hook_z is [batch, pos, n_heads, d_head], one slice per "
-                      "*query* head (expand W_V first).")
+        cases.append((1, 4, 7, 5, hidden_generator(62)))
+    for n_layers, n_batch, d_mlp, d_model, g in cases:
+        post = torch.randn(n_layers, n_batch, d_mlp, generator=g)
+        W_out = torch.randn(n_layers, d_mlp, d_model, generator=g)
+        final = 3.0 * torch.randn(n_batch, d_model, generator=g)
+        direction = torch.randn(d_model, n_batch, generator=g)
+        what = f"{n_layers} layers, {n_batch} prompts, d_mlp {d_mlp}"
+        expected = _circuits.neuron_direct_effects(post, W_out, final, direction)
+        got = answer(post.clone(), W_out.clone(), final.clone(), direction.clone())
+        if isinstance(got, torch.Tensor) and tuple(got.shape) == (n_layers, n_batch, d_mlp):
+            raise CheckFailed(f"{what}: your tensor is [n_layers, batch, d_mlp]; return [n_layers, d_mlp, batch].")
+        _expect_shape(got, tuple(expected.shape), what, "One number per layer, neuron and prompt.")
         if _close(got, expected):
             continue
-        values_tiled = torch.einsum("bpd,hde->bphe", normalized, W_V.repeat(n_heads // n_kv, 1, 1))
-        if n_kv < n_heads and _close(got, torch.einsum("bhqk,bkhe->bqhe", pattern, values_tiled)):
-            raise CheckFailed(f"{what}: you tiled W_V (0, 1, 2, 0, 1, 2, ...); consecutive query heads share a "
-                              f"key/value head (repeat_interleave).")
-        values = torch.einsum("bpd,hde->bphe", normalized, _circuits.expand_kv_heads(W_V, n_heads))
-        if _close(got, torch.einsum("bhkq,bkhe->bqhe", pattern, values)):
-            raise CheckFailed(f"{what}: you swapped the query and key axes of the pattern. pattern[b, h, q, k] is how "
-                              f"much query q attends to key k: z[b, q, h] = sum_k pattern[b, h, q, k] v[b, k, h].")
-        expect_tensor(got, expected, what, hint="v = normalized @ W_V (per query head), then z[q] = sum over keys k "
-                      "of pattern[q, k] * v[k].")
-    return f"{len(cases)} cases"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 6.3 — the residual stream as a sum
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _fake_cache(n_layers: int, n_batch: int, n_pos: int, d_model: int, seed: int) -> dict:
-    generator = _gen(seed)
-    cache = {"blocks.0.hook_resid_pre": torch.randn(n_batch, n_pos, d_model, generator=generator)}
-    for layer in range(n_layers):
-        for part in ("attn", "mlp"):
-            cache[f"blocks.{layer}.hook_{part}_out"] = torch.randn(n_batch, n_pos, d_model, generator=generator)
-        # decoys: other hooks a learner might use by mistake
-        cache[f"blocks.{layer}.hook_resid_post"] = torch.randn(n_batch, n_pos, d_model, generator=generator)
-        cache[f"blocks.{layer}.hook_resid_mid"] = torch.randn(n_batch, n_pos, d_model, generator=generator)
-    return cache
-
-
-@exercise("06", "6.3", "residual_components", "The residual stream as a sum")
-def residual_components(answer, hidden):
-    expect_callable(answer, "residual_components")
-    cases = [(2, 3, 5, 4, -1, 0), (3, 2, 4, 6, 2, 1)]  # layers, batch, pos, d_model, pos index, seed
-    if hidden:
-        cases += [(1, 1, 3, 5, 0, 2), (4, 2, 6, 3, -2, 3)]
-    for n_layers, n_batch, n_pos, d_model, pos, seed in cases:
-        cache = _fake_cache(n_layers, n_batch, n_pos, d_model, seed)
-        what = f"a cache with {n_layers} layers, position {pos}"
-        got = answer(dict(cache), n_layers, pos)
-        expected = _circuits.residual_components(cache, n_layers, pos)
-        if isinstance(got, torch.Tensor) and got.ndim == 4:
-            raise CheckFailed(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}: keep only "
-                              f"position `pos` of each activation ([:, pos]).")
-        if isinstance(got, torch.Tensor) and tuple(got.shape) == (2 * n_layers, n_batch, d_model):
-            raise CheckFailed(f"{what}: {2 * n_layers} rows instead of {2 * n_layers + 1}: the first row is the "
-                              f"embedding (blocks.0.hook_resid_pre), what the residual stream holds before any block.")
-        _expect_shape(got, tuple(expected.shape), what, "One row per piece: the embedding, then attn_out and "
-                      "mlp_out of every layer.")
-        if _close(got, expected):
-            continue
-        blocked = torch.cat([expected[:1], expected[1::2], expected[2::2]])
-        if _close(got, blocked):
-            raise CheckFailed(f"{what}: your rows are all attention outputs, then all MLP outputs. Put them in the "
-                              f"order they are added: embed, 0_attn, 0_mlp, 1_attn, 1_mlp, ...")
-        if _close(got[1:], torch.stack([cache[f"blocks.{layer}.hook_{name}"][:, pos] for layer in range(n_layers)
-                                        for name in ("resid_mid", "resid_post")])):
-            raise CheckFailed(f"{what}: you used resid_mid / resid_post, which are running totals. The pieces are "
-                              f"what each sublayer *adds*: hook_attn_out and hook_mlp_out.")
-        expect_tensor(got, expected, what, hint="rows: blocks.0.hook_resid_pre, then blocks.{l}.hook_attn_out, "
-                      "blocks.{l}.hook_mlp_out for each layer l, each at [:, pos].")
-    return f"{len(cases)} cases"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 6.4 — direct logit attribution
-# ---------------------------------------------------------------------------------------------------------
-
-
-@exercise("06", "6.4", "direct_logit_attribution", "Direct logit attribution", points=2)
-def direct_logit_attribution(answer, hidden):
-    expect_callable(answer, "direct_logit_attribution")
-    cases = [((5,), 3, 8, 0), ((2, 4), 2, 6, 1)]  # leading component shape, batch, d_model, seed
-    if hidden:
-        cases += [((7,), 1, 5, 2), ((3,), 4, 10, 3)]
-    for lead, n_batch, d_model, seed in cases:
-        generator = _gen(seed)
-        components = torch.randn(*lead, n_batch, d_model, generator=generator)
-        final = 3.0 * torch.randn(n_batch, d_model, generator=generator)
-        direction = torch.randn(d_model, n_batch, generator=generator)
-        what = f"components {tuple(components.shape)}, direction {tuple(direction.shape)}"
-        got = answer(components.clone(), final.clone(), direction.clone())
-        expected = _circuits.direct_logit_attribution(components, final, direction)
-        _expect_shape(got, tuple(expected.shape), what, "One number per component and prompt: don't sum or average "
-                      "over the batch.")
-        if _close(got, expected):
-            continue
-        if _close(got, (components * direction.T).sum(-1)):
-            raise CheckFailed(f"{what}: you left out the final norm. Divide each component by the final residual's "
-                              f"root mean square (rms(final_resid), frozen: the same scale for every component).")
-        if _close(got, ((components / _rms(components)) * direction.T).sum(-1)):
-            raise CheckFailed(f"{what}: you normalised each component by its own rms. The norm divides the *sum* "
-                              f"(the final residual) once, so every piece is divided by rms(final_resid); that keeps "
-                              f"the pieces summing to the total.")
+        if _close(got, expected * _rms(final)[:, 0]):
+            raise CheckFailed(f"{what}: you left out the final norm. Divide by the final residual's root mean square "
+                              f"(rms(final_resid)), the same frozen scale for every neuron.")
         if _close(got, -expected):
             raise CheckFailed(f"{what}: wrong sign.")
-        expect_tensor(got, expected, what, hint="(components / rms(final_resid)) . direction[:, b] for prompt b.")
+        if n_batch > 1 and _close(got, torch.einsum("lbn,lnm,mc->lnbc", post, W_out, direction / _rms(final).T)
+                                  .diagonal(dim1=-2, dim2=-1).flip(-1)):
+            raise CheckFailed(f"{what}: prompt b must use its own direction, direction[:, b].")
+        expect_tensor(got, expected, what, hint="effect[l, n, b] = post[l, b, n] * (W_out[l, n] . direction[:, b]) "
+                      "/ rms(final_resid[b]).")
     return f"{len(cases)} cases"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6.5 — factored SVD
+# 6.3 — which heads are name movers? (chapter 04's rule)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@exercise("06", "6.5", "factored_svd", "SVD of a low-rank product without forming it", points=2)
+def _roles_case(g, n_layers, n_heads, n_batch, n_pos):
+    effect = 0.3 * torch.randn(n_layers, n_heads, generator=g)
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    pattern = [(3 * torch.randn(n_batch, n_heads, n_pos, n_pos, generator=g)).masked_fill(~causal, float("-inf"))
+               .softmax(-1) for _ in range(n_layers)]
+    positions = {"IO": torch.randint(1, n_pos // 3, (n_batch,), generator=g),
+                 "S1": torch.randint(n_pos // 3, 2 * n_pos // 3, (n_batch,), generator=g),
+                 "S2": torch.randint(2 * n_pos // 3, n_pos - 1, (n_batch,), generator=g)}
+    return effect, pattern, positions
+
+
+@exercise("06", "6.3", "head_roles", "Name movers, by chapter 04's rule", points=2, reference=_circuits.head_roles)
+def head_roles(answer, hidden):
+    expect_callable(answer, "head_roles")
+    cases = [("4 layers x 3 heads, 5 prompts", _roles_case(_gen(63), 4, 3, 5, 12), 0.1),
+             ("3 layers x 4 heads, 2 prompts", _roles_case(_gen(64), 3, 4, 2, 9), 0.2)]
+    if hidden:
+        cases.append(("5 layers x 4 heads, 6 prompts", _roles_case(hidden_generator(63), 5, 4, 6, 15), 0.15))
+    for what, (effect, pattern, positions), threshold in cases:
+        expected = _circuits.head_roles(effect, pattern, positions, threshold)
+        got = answer(effect.clone(), [p.clone() for p in pattern], {k: v.clone() for k, v in positions.items()},
+                     threshold)
+        if not isinstance(got, dict) or set(got) != set(expected):
+            raise CheckFailed(f"{what}: return a dict with the keys {sorted(expected)}, got "
+                              f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
+        for role, heads in expected.items():
+            mine = sorted(tuple(int(x) for x in pair) for pair in got[role])
+            if mine == sorted(heads):
+                continue
+            if role != "S2 writers" and mine == sorted(_circuits.head_roles(effect, pattern, positions, threshold,
+                                                                            io_over_s1_only=True)[role]):
+                raise CheckFailed(f"{what}: your {role} compare attention to IO with S1 only; the rule asks for more "
+                                  f"attention to IO than to *either* S (S1 and S2).")
+            raise CheckFailed(f"{what}: your {role} are {mine}, expected {sorted(heads)}. Average each head's "
+                              f"attention to IO, S1 and S2 over the prompts first (each prompt at its own positions), "
+                              f"then apply the rule: |direct effect| above the threshold with the right sign, and "
+                              f"the most attention on the name the role names. The attention that counts is from END, "
+                              f"the last query position of each layer's pattern.")
+    return f"{len(cases)} cases"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6.7 — the induction head's QK circuit, read through the previous-token head
+# ---------------------------------------------------------------------------------------------------------
+
+
+@exercise("06", "6.7", "composed_qk_circuit", "A QK circuit through K-composition", points=2,
+          reference=_circuits.composed_qk_circuit)
+def composed_qk_circuit(answer, hidden):
+    expect_callable(answer, "composed_qk_circuit")
+    toy = _toy()
+    cases = [("the toy: L1H4 reading L0H4, first 30 tokens",
+              (toy.W_E[:30], toy.W_V[0, [4]], toy.W_O[0, [4]], toy.W_Q[1, 4], toy.W_K[1, 4]))]
+    g = _gen(67)
+    cases.append(("random weights: 2 layer-0 heads, d_vocab 9",
+                  (torch.randn(9, 6, generator=g) + 0.4, torch.randn(2, 6, 3, generator=g),
+                   torch.randn(2, 3, 6, generator=g), torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g))))
+    if hidden:
+        g = hidden_generator(67)
+        cases.append(("random weights: 3 layer-0 heads, d_vocab 11",
+                      (torch.randn(11, 8, generator=g) - 0.3, torch.randn(3, 8, 2, generator=g),
+                       torch.randn(3, 2, 8, generator=g), torch.randn(8, 2, generator=g),
+                       torch.randn(8, 2, generator=g))))
+    for what, weights in cases:
+        weights = tuple(w.detach().clone() for w in weights)
+        expected = _circuits.composed_qk_circuit(*weights)
+        got = answer(*(w.clone() for w in weights))
+        _expect_shape(got, tuple(expected.shape), what, "[d_vocab, d_vocab]: query token a, key whose previous token "
+                      "is b. Sum the layer-0 heads' OV circuits.")
+        if _close(got, expected, atol=1e-3):
+            continue
+        W_E, W_V0, W_O0, W_Q1, W_K1 = weights
+        if _close(got, expected.T, atol=1e-3):
+            raise CheckFailed(f"{what}: your circuit is transposed: rows are the query's token, columns the key's "
+                              f"previous token.")
+        raw = (W_E @ W_Q1) @ (W_E @ (W_V0 @ W_O0).sum(0) @ W_K1).T
+        if _close(got, raw, atol=1e-3):
+            raise CheckFailed(f"{what}: you used the raw embeddings. Both heads read through a (folded) layer norm: "
+                              f"centre each embedding and divide it by its root mean square first.")
+        no_ov = (_circuits._ln_pre(W_E) @ W_Q1) @ (_circuits._ln_pre(W_E) @ W_K1).T
+        if _close(got, no_ov, atol=1e-3):
+            raise CheckFailed(f"{what}: that is the direct QK circuit (token to token). The key side reads what the "
+                              f"layer-0 heads *wrote*: send the key's embedding through W_V0 W_O0 first.")
+        expect_tensor(got, expected, what, atol=1e-3, rtol=1e-3,
+                      hint="x = LN(W_E); queries x @ W_Q1; keys (x @ sum_h W_V0[h] W_O0[h]) @ W_K1; scores = "
+                           "queries @ keys^T.")
+    return f"{len(cases)} cases"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6.8 — Wang et al.'s copying score, through MLP0
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _names():
+    from utils import ioi
+    from utils.models import model_for_checks
+
+    model = model_for_checks()
+    return model, [ioi.single_token_id(model, name) for name in ioi.NAMES if ioi._is_single_token(model, name)]
+
+
+@exercise("06", "6.8", "mlp0_copying_scores", "The copying score through MLP0", points=3,
+          reference=_circuits.mlp0_copying_scores)
+def mlp0_copying_scores(answer, hidden):
+    expect_callable(answer, "mlp0_copying_scores")
+    model, names = _names()
+    cases = [("12 names, heads L23H0, L23H4, L24H4 (top 5)", names[:12], [(23, 0), (23, 4), (24, 4)], 5, False),
+             ("10 names, heads L24H4, L23H3 as negative heads (top 5)", names[10:20], [(24, 4), (23, 3)], 5, True)]
+    if hidden:
+        g = hidden_generator(68)
+        pick = torch.randperm(len(names), generator=g)[:9].tolist()
+        layer = int(torch.randint(20, 30, (1,), generator=g))
+        cases.append((f"9 names, heads of layer {layer} (top 3)", [names[i] for i in pick],
+                      [(layer, h) for h in range(0, 9, 2)], 3, False))
+    for what, ids, heads, top_k, negative in cases:
+        token_ids = torch.tensor(ids)
+        expected = _circuits.mlp0_copying_scores(model, token_ids, heads, top_k, negative)
+        got = answer(model, token_ids.clone(), list(heads), top_k, negative)
+        model.reset_hooks()
+        _expect_shape(got, tuple(expected.shape), what, "[len(heads), n_tokens]: 1.0 where the token is in the top "
+                      "k, else 0.0 (the chapter averages and bootstraps them).")
+        if _close(got.float(), expected, atol=1e-6):
+            continue
+        if negative and _close(got.float(), _mlp0_variant(model, token_ids, heads, top_k, False), atol=1e-6):
+            raise CheckFailed(f"{what}: with negative=True, flip the sign of the logits before taking the top k (a "
+                              f"negative head lowers the logit of what it copies).")
+        tiled = _mlp0_variant(model, token_ids, heads, top_k, negative, tiled=True)
+        if _close(got.float(), tiled, atol=1e-6):
+            raise CheckFailed(f"{what}: you tiled the key/value heads. Query head h reads W_V of key/value head "
+                              f"h // (n_heads // n_kv_heads) (SmolLM2: h // 3).")
+        embed_only = _mlp0_variant(model, token_ids, heads, top_k, negative, embed_only=True)
+        if _close(got.float(), embed_only, atol=1e-6):
+            raise CheckFailed(f"{what}: you used the raw token embeddings. Wang et al. read the residual stream after "
+                              f"the first MLP (blocks.0.hook_resid_post at the token's position in [BOS, token]).")
+        raise CheckFailed(f"{what}: your scores differ from the reference in {int((got.float() != expected).sum())} "
+                          f"of {expected.numel()} places. resid = blocks.0.hook_resid_post at position 1 of [BOS, "
+                          f"token]; logits = resid @ W_V[layer, kv] @ W_O[layer, head] @ W_U; 1.0 if the token is "
+                          f"in the top {top_k}.")
+    return f"{len(cases)} cases on SmolLM2"
+
+
+def _mlp0_variant(model, token_ids, heads, top_k, negative, tiled=False, embed_only=False):
+    bos = int(model.to_tokens("")[0, 0])
+    tokens = torch.stack([torch.full_like(token_ids, bos), token_ids], dim=1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post", stop_at_layer=1)
+    resid = model.W_E[token_ids] if embed_only else cache["blocks.0.hook_resid_post"][:, 1]
+    n_kv = model.W_V.shape[1]
+    rows = []
+    for layer, head in heads:
+        kv = head % n_kv if tiled else head // (model.cfg.n_heads // n_kv)
+        logits = resid @ model.W_V[layer, kv] @ model.W_O[layer, head] @ model.W_U
+        top = (-logits if negative else logits).topk(top_k, dim=-1).indices
+        rows.append((top == token_ids[:, None]).any(-1).float())
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6.4 — factored SVD
+# ---------------------------------------------------------------------------------------------------------
+
+
+@exercise("06", "6.4", "factored_svd", "SVD of a low-rank product without forming it", points=2,
+          reference=_circuits.factored_svd)
 def factored_svd(answer, hidden):
     expect_callable(answer, "factored_svd")
     cases = [((), 12, 3, 10, 0), ((2,), 9, 4, 15, 1)]  # batch shape, m, r, n, seed
     if hidden:
         cases += [((3, 2), 7, 2, 7, 2), ((), 40, 5, 30, 3)]
     for lead, m, r, n, seed in cases:
-        generator = _gen(seed)
+        generator = hidden_generator(60 + seed) if seed >= 2 else _gen(seed)
         A = torch.randn(*lead, m, r, generator=generator)
         B = torch.randn(*lead, r, n, generator=generator)
         what = f"A {tuple(A.shape)} @ B {tuple(B.shape)}"
@@ -236,11 +366,11 @@ def factored_svd(answer, hidden):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6.6 — copying score
+# 6.5 — copying score
 # ---------------------------------------------------------------------------------------------------------
 
 
-@exercise("06", "6.6", "copying_score", "The eigenvalue copying score")
+@exercise("06", "6.5", "copying_score", "The eigenvalue copying score", reference=_circuits.copying_score)
 def copying_score(answer, hidden):
     expect_callable(answer, "copying_score")
     generator = _gen(0)
@@ -249,6 +379,7 @@ def copying_score(answer, hidden):
              ("random complex [4, 6]", mixed),
              ("mostly negative with a conjugate pair", torch.tensor([-3.0 + 0j, -1.0 + 0j, 0.5 + 2j, 0.5 - 2j]))]
     if hidden:
+        generator = hidden_generator(65)
         cases += [("random complex [2, 3, 5]", torch.complex(torch.randn(2, 3, 5, generator=generator),
                                                             torch.randn(2, 3, 5, generator=generator))),
                   ("pure imaginary pair", torch.tensor([1j, -1j]))]
@@ -272,7 +403,7 @@ def copying_score(answer, hidden):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6.7 — eigenvalues of the full OV circuit, cheaply
+# 6.6 — eigenvalues of the full OV circuit, cheaply
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -288,14 +419,15 @@ def _same_spectrum(got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-3
     return True
 
 
-@exercise("06", "6.7", "ov_eigenvalues", "Eigenvalues of the full OV circuit, cheaply", points=2)
+@exercise("06", "6.6", "ov_eigenvalues", "Eigenvalues of the full OV circuit, cheaply", points=2,
+          reference=_circuits.ov_eigenvalues)
 def ov_eigenvalues(answer, hidden):
     expect_callable(answer, "ov_eigenvalues")
     cases = [((), 20, 6, 2, 0), ((3,), 30, 8, 3, 1)]  # head batch, d_vocab, d_model, d_head, seed
     if hidden:
         cases += [((2, 2), 15, 5, 2, 2), ((), 50, 10, 4, 3)]
     for lead, d_vocab, d_model, d_head, seed in cases:
-        generator = _gen(seed)
+        generator = hidden_generator(60 + seed) if seed >= 2 else _gen(seed)
         W_E = torch.randn(d_vocab, d_model, generator=generator)
         W_U = torch.randn(d_model, d_vocab, generator=generator)
         W_V = torch.randn(*lead, d_model, d_head, generator=generator)
