@@ -16,8 +16,8 @@ def _entry(check):
     return check.exercise
 
 
-ALL_CHECKS = [ch01.logit_lens, ch01.next_token_ranks, ch01.kl_from_final, ch01.fit_translator,
-              ch01.linearised_logit_lens]
+ALL_CHECKS = [ch01.logit_lens, ch01.next_token_ranks, ch01.kl_from_final, ch01.mean_kl_per_layer,
+              ch01.fit_translator, ch01.train_translator_kl, ch01.linearised_logit_lens, ch01.linearisation_error]
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda check: check.__name__)
@@ -27,11 +27,12 @@ def test_stub_is_not_attempted(check):
     assert result.message.startswith("not attempted"), result.message
 
 
-def test_registry_lists_six_exercises():
+def test_registry_lists_nine_exercises():
     from utils.checks import chapter_exercises
 
     entries = chapter_exercises("01")
-    assert [entry.number for entry in entries.values()] == ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6"]
+    assert [entry.number for entry in entries.values()] == ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8",
+                                                                 "1.9"]
 
 
 # 1.1 ------------------------------------------------------------------------------------------------------
@@ -155,28 +156,34 @@ def test_kl_wrong_axis_rejected(model):
     _rejected(ch01.kl_from_final, answer, "last axis")
 
 
-# 1.4 ------------------------------------------------------------------------------------------------------
+# 1.5 ------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def settling_reference(model):
-    return ch01.settling_layer_from(ch01._reference_mean_kl(2))
-
-
-def test_settling_reference_passes(settling_reference):
-    result = _passes(ch01.settling_layer, settling_reference)
-    assert str(settling_reference) in result.message
+def test_settling_reference_passes():
+    _passes(ch01.settling_layer, ch01.settling_layer_from)
 
 
-def test_settling_far_off_rejected(settling_reference):
-    _rejected(ch01.settling_layer, (settling_reference + 10) % 31 if settling_reference < 25 else 0, "expected about")
+def test_settling_hard_coded_layer_rejected():
+    _rejected(ch01.settling_layer, lambda curve, threshold: 30, "expected 5")
 
 
-def test_settling_wrong_type_rejected(settling_reference):
-    _rejected(ch01.settling_layer, "layer 20", "expected an int")
+def test_settling_first_dip_rejected():
+    _rejected(ch01.settling_layer, lambda curve, threshold: int((curve < threshold).nonzero()[0]), "stays below")
+
+
+def test_settling_less_or_equal_rejected():
+    def with_equal(curve, threshold):
+        above = (curve > threshold).nonzero()
+        return 0 if len(above) == 0 else int(above[-1]) + 1
+
+    _rejected(ch01.settling_layer, with_equal, "not <=")
+
+
+def test_settling_wrong_type_rejected():
+    _rejected(ch01.settling_layer, lambda curve, threshold: "layer 20", "expected an int")
 
 
 def test_settling_stub_not_attempted():
-    result = run_check(_entry(ch01.settling_layer), Ellipsis, hidden=True)
+    result = run_check(_entry(ch01.settling_layer), _stub, hidden=True)
     assert not result.passed and result.message.startswith("not attempted"), result.message
 
 
@@ -186,7 +193,7 @@ def test_settling_layer_from():
     assert ch01.settling_layer_from(torch.zeros(4), 1.0) == 0
 
 
-# 1.5 ------------------------------------------------------------------------------------------------------
+# 1.6 ------------------------------------------------------------------------------------------------------
 
 def test_translator_reference_passes():
     _passes(ch01.fit_translator, lens.fit_translator)
@@ -218,7 +225,7 @@ def test_translator_uncentred_rejected():
     _rejected(ch01.fit_translator, answer, "intercept")
 
 
-# 1.6 ------------------------------------------------------------------------------------------------------
+# 1.8 ------------------------------------------------------------------------------------------------------
 
 def test_linearised_reference_passes(model):
     _passes(ch01.linearised_logit_lens, lens.linearised_logit_lens)
@@ -250,3 +257,139 @@ def test_linearised_multiplied_rejected(model):
         return model.unembed(stack * lens.rms(stack[-1]))
 
     _rejected(ch01.linearised_logit_lens, answer, "multiplied")
+
+
+# 1.4 ------------------------------------------------------------------------------------------------------
+
+def _mean_kl(norm="own", reverse=False, mean_of_chunks=False):
+    def answer(model, resid, chunk):
+        return ch01._mean_kl_variant(model, resid, chunk, norm=norm, reverse=reverse, mean_of_chunks=mean_of_chunks)
+    return answer
+
+
+def test_mean_kl_reference_passes(model):
+    _passes(ch01.mean_kl_per_layer, lens.mean_logit_lens_kl)
+
+
+def test_mean_kl_with_ln_final_passes(model):
+    def answer(model, resid, chunk):
+        total = torch.zeros(resid.shape[0])
+        for start in range(0, resid.shape[1], chunk):
+            block = resid[:, start:start + chunk]
+            logits = model.unembed(model.ln_final(block))
+            total += lens.kl_from_final(logits[-1], logits).sum(-1)
+        return total / resid.shape[1]
+
+    _passes(ch01.mean_kl_per_layer, answer)
+
+
+def test_mean_kl_without_norm_rejected(model):
+    _rejected(ch01.mean_kl_per_layer, _mean_kl(norm="none"), "final norm")
+
+
+def test_mean_kl_frozen_scale_rejected(model):
+    _rejected(ch01.mean_kl_per_layer, _mean_kl(norm="final"), "frozen-scale")
+
+
+def test_mean_kl_reversed_rejected(model):
+    _rejected(ch01.mean_kl_per_layer, _mean_kl(reverse=True), "KL(lens || final)")
+
+
+def test_mean_kl_mean_of_chunk_means_rejected(model):
+    _rejected(ch01.mean_kl_per_layer, _mean_kl(mean_of_chunks=True), "shorter")
+
+
+def test_mean_kl_per_token_shape_rejected(model):
+    _rejected(ch01.mean_kl_per_layer, lambda model, resid, chunk: lens.mean_logit_lens_kl(model, resid, chunk)[None],
+              "[n_rows]")
+
+
+# 1.7 ------------------------------------------------------------------------------------------------------
+
+def _train(**settings):
+    def answer(model, h, h_final, weight, bias, steps, lr, batch_size):
+        return ch01._train_variant(model, h, h_final, weight, bias, steps, lr, batch_size, **settings)
+    return answer
+
+
+def test_train_reference_passes(model):
+    _passes(ch01.train_translator_kl, lens.train_translator_kl)
+
+
+def test_train_reversed_kl_rejected(model):
+    _rejected(ch01.train_translator_kl, _train(reverse=True), "KL(lens || final)")
+
+
+def test_train_without_norm_rejected(model):
+    _rejected(ch01.train_translator_kl, _train(norm=False), "final norm")
+
+
+def test_train_same_batch_rejected(model):
+    _rejected(ch01.train_translator_kl, _train(cycle=False), "same first batch")
+
+
+def test_train_summed_loss_rejected(model):
+    _rejected(ch01.train_translator_kl, _train(loss_sum=True), "average")
+
+
+def test_train_no_step_rejected(model):
+    _rejected(ch01.train_translator_kl,
+              lambda model, h, h_final, weight, bias, steps, lr, batch_size: (weight, bias), "unchanged")
+
+
+def test_train_one_step_short_rejected(model):
+    def answer(model, h, h_final, weight, bias, steps, lr, batch_size):
+        return lens.train_translator_kl(model, h, h_final, weight, bias, steps - 1, lr, batch_size)
+
+    _rejected(ch01.train_translator_kl, answer, "too few")
+
+
+# 1.9 ------------------------------------------------------------------------------------------------------
+
+def _linerr(**settings):
+    def answer(model, resid, chunk):
+        return ch01._linerr_variant(model, resid, chunk, **settings)
+    return answer
+
+
+def test_linerr_reference_passes(model):
+    _passes(ch01.linearisation_error, lens.linearisation_error)
+
+
+def test_linerr_ratio_trick_passes(model):
+    def answer(model, resid, chunk):
+        total = torch.zeros(resid.shape[0])
+        for start in range(0, resid.shape[1], chunk):
+            block = resid[:, start:start + chunk]
+            exact = model.unembed(model.ln_final(block))
+            ratio = lens.rms(block, model.cfg.eps) / lens.rms(block[-1], model.cfg.eps)
+            frozen = (exact - model.b_U) * ratio + model.b_U
+            total += lens.kl_from_final(exact, frozen).sum(-1)
+        return total / resid.shape[1]
+
+    _passes(ch01.linearisation_error, answer)
+
+
+def test_linerr_own_scale_rejected(model):
+    _rejected(ch01.linearisation_error, lambda model, resid, chunk: torch.zeros(resid.shape[0]), "own scale")
+
+
+def test_linerr_reversed_rejected(model):
+    _rejected(ch01.linearisation_error, _linerr(reverse=True), "KL(frozen || exact)")
+
+
+def test_linerr_against_final_rejected(model):
+    _rejected(ch01.linearisation_error, _linerr(against_final=True), "final output")
+
+
+def test_linerr_inverse_scale_rejected(model):
+    _rejected(ch01.linearisation_error, _linerr(inverse=True), "wrong way")
+
+
+def test_new_references_reject_bad_shapes(model):
+    with pytest.raises(ValueError, match="n_rows"):
+        lens.mean_logit_lens_kl(model, torch.zeros(3, 4), 2)
+    with pytest.raises(ValueError, match="chunk"):
+        lens.linearisation_error(model, torch.zeros(3, 4, 5), 0)
+    with pytest.raises(ValueError, match="n_tokens"):
+        lens.train_translator_kl(model, torch.zeros(4, 5), torch.zeros(3, 5), torch.eye(5), torch.zeros(5), 1)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import patching
+from utils import ablation, patching
 from utils.course.checking import run_check
 from utils.checks import ch04
 from tests.check_helpers import passes as _passes, rejected as _rejected, stub as _stub
 
 
-ALL_CHECKS = [ch04.normalised_metric, ch04.patch_each_position, ch04.patch_each_head, ch04.end_attention,
-              ch04.head_output_delta, ch04.attribution_scores]
+ALL_CHECKS = [ch04.ioi_logit_diff, ch04.normalised_metric, ch04.patch_each_position, ch04.patch_resid_grid,
+              ch04.patch_each_head, ch04.patch_head_grid, ch04.end_attention, ch04.path_patch,
+              ch04.attribution_patch_heads, ch04.template_means, ch04.circuit_logit_diff]
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda check: check.__name__)
@@ -28,14 +29,37 @@ def test_reference_passes(check):
     _passes(check, getattr(patching, check.exercise.key))
 
 
-def test_registry_lists_six_exercises_in_order():
+def test_registry_lists_eleven_exercises_in_order():
     from utils.checks import chapter_exercises
 
     entries = chapter_exercises("04")
-    assert [entry.number for entry in entries.values()] == ["4.1", "4.2", "4.3", "4.4", "4.5", "4.6"]
+    assert [entry.number for entry in entries.values()] == [f"4.{i}" for i in range(1, 12)]
 
 
 # 4.1 ------------------------------------------------------------------------------------------------------
+
+def _ld(logits, io, s, position=-1):
+    rows = torch.arange(logits.shape[0])
+    return logits[rows, position, io] - logits[rows, position, s]
+
+
+def test_logit_diff_sign_rejected():
+    _rejected(ch04.ioi_logit_diff, lambda logits, io, s: -_ld(logits, io, s), "wrong sign")
+
+
+def test_logit_diff_first_position_rejected():
+    _rejected(ch04.ioi_logit_diff, lambda logits, io, s: _ld(logits, io, s, 0), "position 0")
+
+
+def test_logit_diff_broadcast_rejected():
+    _rejected(ch04.ioi_logit_diff, lambda logits, io, s: logits[:, -1, io] - logits[:, -1, s], "pairs every prompt")
+
+
+def test_logit_diff_mean_rejected():
+    _rejected(ch04.ioi_logit_diff, lambda logits, io, s: _ld(logits, io, s).mean(), "one logit difference per prompt")
+
+
+# 4.2 ------------------------------------------------------------------------------------------------------
 
 def test_metric_flipped_rejected():
     _rejected(ch04.normalised_metric, lambda v, clean, corr: (v - clean) / (corr - clean), "flipped")
@@ -53,7 +77,7 @@ def test_metric_mean_rejected():
     _rejected(ch04.normalised_metric, lambda v, clean, corr: ((v - corr) / (clean - corr)).mean(), "shape")
 
 
-# 4.2 ------------------------------------------------------------------------------------------------------
+# 4.3 ------------------------------------------------------------------------------------------------------
 
 def test_position_nothing_patched_rejected():
     _rejected(ch04.patch_each_position, lambda act, hook, clean, positions: act, "nothing was patched")
@@ -68,33 +92,61 @@ def test_position_returns_none_rejected():
 
 def test_position_interleaved_rejected():
     def answer(act, hook, clean, positions):
-        for i, p in enumerate(positions):
-            act[i::len(positions), p] = clean[:, p]
+        n, batch = positions.shape
+        for i in range(n):
+            for b in range(batch):
+                act[b * n + i, positions[i, b]] = clean[b, positions[i, b]]
         return act
 
     _rejected(ch04.patch_each_position, answer, "row layout")
 
 
-def test_position_onwards_rejected():
+def test_position_first_prompts_position_rejected():
     def answer(act, hook, clean, positions):
-        b = clean.shape[0]
-        for i, p in enumerate(positions):
-            act[i * b:(i + 1) * b, p:] = clean[:, p:]
+        batch = clean.shape[0]
+        for i in range(positions.shape[0]):
+            act[i * batch:(i + 1) * batch, positions[i, 0]] = clean[:, positions[i, 0]]
         return act
 
-    _rejected(ch04.patch_each_position, answer, "every later position")
+    _rejected(ch04.patch_each_position, answer, "own position")
 
 
-def test_position_everywhere_rejected():
+def test_position_crossed_rejected():
     def answer(act, hook, clean, positions):
-        for p in positions:
-            act[:, p] = clean.repeat(len(positions), 1, 1)[:, p]
+        batch = clean.shape[0]
+        for i in range(positions.shape[0]):
+            for b in range(batch):
+                act[i * batch + b, positions[i]] = clean[b, positions[i]]
         return act
 
-    _rejected(ch04.patch_each_position, answer, "every position in every copy")
+    _rejected(ch04.patch_each_position, answer, "own position")
 
 
-# 4.3 ------------------------------------------------------------------------------------------------------
+# 4.4 ------------------------------------------------------------------------------------------------------
+
+def test_resid_grid_backwards_rejected():
+    def answer(model, clean, corrupted, readout, positions, layers):
+        return patching.patch_resid_grid(model, corrupted, clean, readout, positions, layers)
+
+    _rejected(ch04.patch_resid_grid, answer, "other way round")
+
+
+def test_resid_grid_resid_post_rejected():
+    def answer(model, clean, corrupted, readout, positions, layers):
+        return patching.patch_resid_grid(model, clean, corrupted, readout, positions, [l + 1 for l in layers])
+
+    _rejected(ch04.patch_resid_grid, answer, "resid_post")
+
+
+def test_resid_grid_no_patch_rejected():
+    def answer(model, clean, corrupted, readout, positions, layers):
+        base = readout(ablation.final_resid(model, corrupted))
+        return base.expand(len(layers), positions.shape[0], -1).clone()
+
+    _rejected(ch04.patch_resid_grid, answer, "unpatched")
+
+
+# 4.5 ------------------------------------------------------------------------------------------------------
 
 def test_head_all_heads_rejected():
     _rejected(ch04.patch_each_head, lambda z, hook, clean: clean.repeat(clean.shape[2], 1, 1, 1), "every head")
@@ -124,7 +176,43 @@ def test_head_nothing_patched_rejected():
     _rejected(ch04.patch_each_head, lambda z, hook, clean: z, "nothing was patched")
 
 
-# 4.4 ------------------------------------------------------------------------------------------------------
+# 4.6 ------------------------------------------------------------------------------------------------------
+
+def test_head_grid_backwards_rejected():
+    def answer(model, clean, corrupted, readout, layers):
+        return patching.patch_head_grid(model, corrupted, clean, readout, layers)
+
+    _rejected(ch04.patch_head_grid, answer, "other way round")
+
+
+def test_head_grid_last_position_rejected():
+    def answer(model, clean, corrupted, readout, layers):
+        clean_z, _ = ablation.head_z(model, clean)
+        resid = ablation.resid_pre(model, corrupted)
+        batch, n_heads = clean.shape[0], model.cfg.n_heads
+        rows = []
+        for layer in layers:
+            def hook(z, hook, layer=layer):
+                for h in range(n_heads):
+                    z[h * batch:(h + 1) * batch, -1, h] = clean_z[layer][:, -1, h]
+                return z
+            final = ablation.final_resid(model, resid[layer].repeat(n_heads, 1, 1), [(ablation.z_name(layer), hook)],
+                                         start_at_layer=layer)
+            rows.append(readout(final.view(n_heads, batch, *final.shape[1:])))
+        return torch.stack(rows)
+
+    _rejected(ch04.patch_head_grid, answer, "last position only")
+
+
+def test_head_grid_no_patch_rejected():
+    def answer(model, clean, corrupted, readout, layers):
+        base = readout(ablation.final_resid(model, corrupted))
+        return base.expand(len(layers), model.cfg.n_heads, -1).clone()
+
+    _rejected(ch04.patch_head_grid, answer, "unpatched")
+
+
+# 4.7 ------------------------------------------------------------------------------------------------------
 
 def test_end_attention_per_prompt_rejected():
     def answer(pattern, keys):
@@ -155,45 +243,95 @@ def test_end_attention_cross_mean_rejected():
     _rejected(ch04.end_attention, lambda pattern, keys: pattern[:, :, -1, keys].mean(dim=(0, 2)), "pair prompt b")
 
 
-# 4.5 ------------------------------------------------------------------------------------------------------
+# 4.8 ------------------------------------------------------------------------------------------------------
 
-def test_delta_sign_rejected():
-    _rejected(ch04.head_output_delta, lambda c, k, W, h: (k[:, :, h] - c[:, :, h]) @ W[h], "wrong sign")
+def test_path_patch_unfrozen_rejected():
+    def answer(*args):
+        return patching._path_patch(*args, freeze_others=False)
 
-
-def test_delta_clean_only_rejected():
-    _rejected(ch04.head_output_delta, lambda c, k, W, h: c[:, :, h] @ W[h], "clean output itself")
-
-
-def test_delta_no_W_O_rejected():
-    _rejected(ch04.head_output_delta, lambda c, k, W, h: c[:, :, h] - k[:, :, h], "W_O")
+    _rejected(ch04.path_patch, answer, "freeze")
 
 
-def test_delta_wrong_head_rejected():
-    def answer(c, k, W, h):
-        other = (h + 1) % c.shape[2]
-        return (c[:, :, other] - k[:, :, other]) @ W[other]
+def test_path_patch_every_head_rejected():
+    def answer(*args):
+        return patching._path_patch(*args, only_receivers=False)
 
-    _rejected(ch04.head_output_delta, answer, "wrong head")
+    _rejected(ch04.path_patch, answer, "every head")
 
 
-# 4.6 ------------------------------------------------------------------------------------------------------
+def test_path_patch_whole_sender_rejected():
+    def answer(model, clean, abc, senders, receivers, receiver_input, readout):
+        abc_z, _ = ablation.head_z(model, abc)
+
+        def make(layer):
+            def hook(z, hook):
+                for l, h in senders:
+                    if l == layer:
+                        z[:, :, h] = abc_z[layer][:, :, h]
+                return z
+            return hook
+
+        return readout(ablation.final_resid(model, clean, [(ablation.z_name(l), make(l)) for l in {l for l, _ in
+                                                                                                    senders}]))
+
+    _rejected(ch04.path_patch, answer, "whole output")
+
+
+def test_path_patch_clean_run_rejected():
+    def answer(model, clean, abc, senders, receivers, receiver_input, readout):
+        return readout(ablation.final_resid(model, clean))
+
+    _rejected(ch04.path_patch, answer, "clean run")
+
+
+# 4.9 ------------------------------------------------------------------------------------------------------
 
 def test_attribution_sign_rejected():
-    _rejected(ch04.attribution_scores, lambda c, k, g: ((k - c) * g).sum(dim=(1, 2, 4)), "wrong sign")
+    _rejected(ch04.attribution_patch_heads, lambda *args: -patching.attribution_patch_heads(*args), "wrong sign")
 
 
-def test_attribution_mean_over_batch_rejected():
-    _rejected(ch04.attribution_scores, lambda c, k, g: ((c - k) * g).sum(dim=(2, 4)).mean(1), "averaged")
+def test_attribution_sum_metric_rejected():
+    def answer(model, clean, corrupted, readout):
+        return patching.attribution_patch_heads(model, clean, corrupted, readout) * clean.shape[0]
+
+    _rejected(ch04.attribution_patch_heads, answer, "too large")
 
 
-def test_attribution_clean_only_rejected():
-    _rejected(ch04.attribution_scores, lambda c, k, g: (c * g).sum(dim=(1, 2, 4)), "clean - corrupted")
+def test_attribution_cut_graph_rejected():
+    _rejected(ch04.attribution_patch_heads, lambda *args: patching._attribution(*args, cut_at_each_head=True),
+              "detached")
 
 
-def test_attribution_abs_rejected():
-    _rejected(ch04.attribution_scores, lambda c, k, g: ((c - k) * g).abs().sum(dim=(1, 2, 4)), "sign")
+# 4.10 -----------------------------------------------------------------------------------------------------
+
+def test_template_means_global_rejected():
+    _rejected(ch04.template_means, lambda z, groups: z.mean(1, keepdim=True).expand_as(z).clone(), "every prompt")
 
 
-def test_attribution_wrong_shape_rejected():
-    _rejected(ch04.attribution_scores, lambda c, k, g: ((c - k) * g).sum(dim=(2, 4)), "shape")
+def test_template_means_unchanged_rejected():
+    _rejected(ch04.template_means, lambda z, groups: z, "unchanged")
+
+
+# 4.11 -----------------------------------------------------------------------------------------------------
+
+def test_circuit_inverted_rejected():
+    def answer(model, tokens, circuit, ablation_z, readout):
+        every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+        rest = [x for x in every if x not in set(circuit)]
+        return patching.circuit_logit_diff(model, tokens, rest, ablation_z, readout)
+
+    _rejected(ch04.circuit_logit_diff, answer, "outside")
+
+
+def test_circuit_zero_ablation_rejected():
+    def answer(model, tokens, circuit, ablation_z, readout):
+        return patching.circuit_logit_diff(model, tokens, circuit, torch.zeros_like(ablation_z), readout)
+
+    _rejected(ch04.circuit_logit_diff, answer, "zero-ablated")
+
+
+def test_circuit_full_model_rejected():
+    def answer(model, tokens, circuit, ablation_z, readout):
+        return readout(ablation.final_resid(model, tokens))
+
+    _rejected(ch04.circuit_logit_diff, answer, "full model")

@@ -41,13 +41,14 @@ def test_realistic_submissions_of_a_real_chapter(tmp_path):
         "`expand_kv_heads` is not defined: cell 3, which defines it, raised NameError: name 'torch' is not defined")
 
     unfinished_rows = results(grades["unfinished"])
-    assert [key for key, (passed, _, _) in unfinished_rows.items() if not passed] == ["head_ablation_drop"]
+    assert [key for key, (passed, _, _) in unfinished_rows.items() if not passed] == ["head_ablation_drop"], \
+        unfinished_rows
     assert "not attempted yet" in unfinished_rows["head_ablation_drop"][2]
     assert grades["unfinished"].points == sum(full.values()) - full["head_ablation_drop"]
 
     wrong_rows = results(grades["wrong"])
     assert sorted(key for key, (passed, _, _) in wrong_rows.items() if not passed) == [
-        "bos_attention", "expand_kv_heads", "reconstruct_resid_post"]
+        "bos_attention", "expand_kv_heads", "reconstruct_resid_post"], wrong_rows
     for key in ("bos_attention", "expand_kv_heads", "reconstruct_resid_post"):
         message = wrong_rows[key][2]
         assert message and "Traceback" not in message and len(message) < 600, (key, message)

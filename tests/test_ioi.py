@@ -43,3 +43,18 @@ def test_bad_inputs_are_explained(model, data):
         make_ioi_dataset(model, n_prompts=4, orders=("ABC",))
     with pytest.raises(ValueError, match="n_prompts"):
         logit_diff(torch.zeros(3, 15, 10), data)
+
+
+def test_abc_replaces_all_three_names(model, data):
+    abc = data.abc(model)
+    assert abc.tokens.shape == data.tokens.shape
+    for role in ("IO", "S1", "S2"):
+        assert (abc.tokens[torch.arange(len(data)), data.positions[role]]
+                != data.tokens[torch.arange(len(data)), data.positions[role]]).all()
+    rows = torch.arange(len(data))
+    names = abc.tokens[rows[:, None], torch.stack([data.positions[r] for r in ("IO", "S1", "S2")], 1)]
+    assert all(len(set(row.tolist())) == 3 for row in names)  # three different names, no repeat
+    assert not (abc.tokens == data.io_tokens[:, None]).any() and not (abc.tokens == data.s_tokens[:, None]).any()
+    other = (abc.tokens != data.tokens).sum(1)
+    assert (other == 3).all()  # nothing else changed
+    assert data.template_ids.shape == (len(data),) and data.template_ids.max() < 6

@@ -147,7 +147,8 @@ def test_collect_residuals_matches_the_cache(model):
     tokens = model.to_tokens(["The cat sat on the mat", "A dog ran in the park"])
     collected = sae.collect_residuals(model, tokens, 15, batch_size=1)
     _, cache = model.run_with_cache(tokens, names_filter="blocks.15.hook_resid_post")
-    assert torch.allclose(collected, cache["blocks.15.hook_resid_post"][:, 1:], atol=1e-4)
+    # One prompt at a time vs both in a batch: the same numbers up to float summation order (residuals reach ~10).
+    assert torch.allclose(collected, cache["blocks.15.hook_resid_post"][:, 1:], atol=1e-3, rtol=1e-4)
 
 
 def test_text_split_is_deterministic_and_disjoint(model):

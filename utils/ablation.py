@@ -151,6 +151,8 @@ def ablate_every_head(model, tokens: Tensor, replacement: Tensor | dict[str, Ten
     single = not isinstance(replacement, dict)
     replacements = {"": replacement} if single else dict(replacement)
     n_kinds = len(replacements)
+    for value in replacements.values():
+        _check_replacement(model, value, tokens)
     resid = resid_pre(model, tokens) if resid is None else resid
     layers = range(n_layers) if layers is None else layers
     if progress:
@@ -216,3 +218,136 @@ def all_direct_effects(model, z: Tensor, final: Tensor, io_tokens: Tensor, s_tok
     out = torch.einsum("lbhd,lhdm->lhbm", z[:, :, -1], model.W_O)
     direction = logit_diff_direction(model, io_tokens, s_tokens)
     return torch.einsum("lhbm,mb->lhb", out / rms(final[:, -1]), direction)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chapter 03's further references: zero ablation, the KL metric, several heads at once, the read-out of
+# the every-head sweep that checks can send (a module-level function), and the self-repair decomposition.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def zero_ablation_hook(head: int):
+    """A hook for `blocks.{l}.attn.hook_z` setting head `head`'s output to zero (every prompt, every position)."""
+
+    def hook(z, hook):
+        z[:, :, head] = 0.0
+        return z
+
+    return hook
+
+
+def last_token_kl(clean_logits: Tensor, ablated_logits: Tensor) -> Tensor:
+    """`[batch]`: KL(clean || ablated) of the next-token distributions at the last position, in nats."""
+    clean = clean_logits[:, -1].log_softmax(-1)
+    ablated = ablated_logits[:, -1].log_softmax(-1)
+    return (clean.exp() * (clean - ablated)).sum(-1)
+
+
+def last_position_logit_diff(final: Tensor, direction: Tensor) -> Tensor:
+    """Read-out for `ablate_every_head`: final residual `[..., batch, pos, d_model]` -> `[..., batch]`, the logit
+    difference along `direction` (`[d_model, batch]`, e.g. `logit_diff_direction`) at the last position, through
+    the final RMS norm (its weight folded into W_U). Module-level, so `functools.partial(..., direction=d)` can be
+    sent to a learner's function."""
+    last = final[..., -1, :]
+    return torch.einsum("...bd,db->...b", last / rms(last), direction)
+
+
+def _check_replacement(model, replacement: Tensor, tokens: Tensor) -> None:
+    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    if not isinstance(replacement, Tensor) or replacement.dim() != 5:
+        raise ValueError(f"replacement must be a [n_layers, batch or 1, pos, n_heads, d_head] tensor, got "
+                         f"{getattr(replacement, 'shape', type(replacement).__name__)}")
+    if (replacement.shape[0] != n_layers or replacement.shape[3:] != (n_heads, d_head)
+            or replacement.shape[1] not in (1, tokens.shape[0]) or replacement.shape[2] != tokens.shape[1]):
+        raise ValueError(f"replacement has shape {tuple(replacement.shape)}; expected [{n_layers}, 1 or "
+                         f"{tokens.shape[0]}, {tokens.shape[1]}, {n_heads}, {d_head}] for tokens of shape "
+                         f"{tuple(tokens.shape)}")
+
+
+def _ablation_hooks(heads, replacement: Tensor):
+    """One hook per layer that replaces the listed heads' hook_z by `replacement[layer]`."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), []).append(int(head))
+
+    def make(layer: int, layer_heads: list[int]):
+        def hook(z, hook):
+            z[:, :, layer_heads] = replacement[layer][:, :, layer_heads].to(z.dtype)
+            return z
+        return hook
+
+    return [(z_name(layer), make(layer, layer_heads)) for layer, layer_heads in sorted(by_layer.items())]
+
+
+def ablate_heads(model, tokens: Tensor, heads, replacement: Tensor) -> Tensor:
+    """`[batch, pos, d_vocab]` logits with every head in `heads` (pairs (layer, head)) ablated at once: its hook_z
+    replaced by `replacement[layer][..., head, :]` (`[n_layers, batch or 1, pos, n_heads, d_head]`). One forward pass;
+    no hook is left on the model."""
+    _check_replacement(model, replacement, tokens)
+    with torch.no_grad():
+        try:
+            return model.run_with_hooks(tokens, fwd_hooks=_ablation_hooks(heads, replacement))
+        finally:
+            model.reset_hooks()
+
+
+def component_direct_effects(model, tokens: Tensor, direction: Tensor, scale: Tensor | None = None, heads=(),
+                             replacement: Tensor | None = None) -> dict[str, Tensor]:
+    """Direct logit attribution at the last position along `direction` (`[d_model, batch]`) of every component of
+    one run (with `heads` ablated to `replacement` if given), through the final norm with its scale frozen at
+    `scale` (`[batch, 1]`; default: this run's own RMS of the final residual). Returns a dict of
+      "embed" `[batch]`, "heads" `[n_layers, n_heads, batch]`, "mlps" `[n_layers, batch]`: they sum to
+      (final residual / scale) · direction;
+      "logit_diff" `[batch]`: the run's real logit difference (its own final RMS); "scale" `[batch, 1]`."""
+    n_layers = model.cfg.n_layers
+    names = ({z_name(layer) for layer in range(n_layers)} | {f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)}
+             | {"blocks.0.hook_resid_pre", final_name(model)})
+    hooks = []
+    if len(heads):
+        if replacement is None:
+            raise ValueError("heads to ablate were given without a replacement")
+        _check_replacement(model, replacement, tokens)
+        hooks = _ablation_hooks(heads, replacement)
+    with torch.no_grad():
+        try:
+            for name, hook in hooks:
+                model.add_hook(name, hook)
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        finally:
+            model.reset_hooks()
+        final = cache[final_name(model)][:, -1]                                      # [batch, d_model]
+        scale = rms(final) if scale is None else scale
+        z = torch.stack([cache[z_name(layer)][:, -1] for layer in range(n_layers)])   # [layer, batch, head, d_head]
+        head_out = torch.einsum("lbhd,lhdm->lhbm", z, model.W_O)                     # [layer, head, batch, d_model]
+        mlp_out = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][:, -1] for layer in range(n_layers)])
+        embed = cache["blocks.0.hook_resid_pre"][:, -1]
+        project = lambda vectors: torch.einsum("...bm,mb->...b", vectors / scale, direction)  # noqa: E731
+        return {"embed": project(embed), "heads": project(head_out), "mlps": project(mlp_out),
+                "logit_diff": torch.einsum("bm,mb->b", final / rms(final), direction), "scale": scale}
+
+
+def self_repair(model, tokens: Tensor, layer: int, head: int, replacement: Tensor, direction: Tensor
+                ) -> dict[str, Tensor]:
+    """Split the change in logit difference (ablated - clean, at the last position) when head (layer, head) is
+    ablated to `replacement` (`[n_layers, batch or 1, pos, n_heads, d_head]`) into, per prompt (`[batch]` each):
+      "direct": the change in the head's own direct effect (frozen clean scale),
+      "later_heads": the change in the direct effects of all heads of later layers,
+      "mlps": the change in the direct effects of the MLPs of this layer and later ones,
+      "norm": the rest, the final norm's rescaling (the ablated run's RMS differs from the clean one);
+    "total" = direct + later_heads + mlps + norm, the actual change; "heads" `[n_layers, n_heads, batch]` is every
+    head's change in direct effect (zero for heads at or before `layer`, except the ablated head itself)."""
+    clean = component_direct_effects(model, tokens, direction)
+    ablated = component_direct_effects(model, tokens, direction, scale=clean["scale"], heads=[(layer, head)],
+                                       replacement=replacement)
+    heads = ablated["heads"] - clean["heads"]
+    mlps = ablated["mlps"] - clean["mlps"]
+    total = ablated["logit_diff"] - clean["logit_diff"]
+    frozen = heads.sum((0, 1)) + mlps.sum(0) + (ablated["embed"] - clean["embed"])
+    return {"total": total, "direct": heads[layer, head], "later_heads": heads[layer + 1:].sum((0, 1)),
+            "mlps": mlps[layer:].sum(0), "norm": total - frozen, "heads": heads}
+
+
+def logit_diff_metric(logits: Tensor, io_tokens: Tensor, s_tokens: Tensor) -> Tensor:
+    """`[batch]`: logits[i, -1, io_tokens[i]] - logits[i, -1, s_tokens[i]]."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, -1, io_tokens] - logits[rows, -1, s_tokens]

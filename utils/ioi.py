@@ -10,7 +10,8 @@ at one known position per prompt.
     data = make_ioi_dataset(model, n_prompts=32, seed=0)
     clean_logits = model(data.tokens)
     logit_diff(clean_logits, data)              # [n_prompts]: logit(IO) - logit(S) at the last position
-    corrupted = data.corrupted(seed=1)          # the "ABC" distribution: S2 replaced by a third name
+    abc = data.abc(model, seed=1)               # Wang et al.'s ABC distribution: IO, S1 and S2 all replaced
+    corrupted = data.corrupted(model, seed=1)   # a milder corruption: only S2 replaced by a third name
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ TEMPLATES = {
 }
 
 
+ALL_TEMPLATES = [template for order in ("ABBA", "BABA") for template in TEMPLATES[order]]
+
+
 @dataclass(frozen=True)
 class IOIDataset:
     prompts: list[str]
@@ -54,6 +58,25 @@ class IOIDataset:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def template_ids(self) -> torch.Tensor:
+        """`[n_prompts]`: which template (order and wording) made each prompt, as an index into ALL_TEMPLATES."""
+        return torch.tensor([ALL_TEMPLATES.index(template) for template, _, _ in self._fill])
+
+    def abc(self, model, seed: int = 1) -> "IOIDataset":
+        """Wang et al.'s ABC distribution: the same templates, places and objects, but IO, S1 and S2 replaced by
+        three different names A, B, C (none of them the prompt's IO or S), so the sentence holds no repeated name
+        and no clue to the answer. Answers are unchanged: `logit_diff` on it still compares the clean IO and S
+        tokens. The positions of the names are those of the clean prompt."""
+        rng = random.Random(seed)
+        names = [name for name in NAMES if _is_single_token(model, name)]
+        texts = []
+        for (template, place, obj), io, s in zip(self._fill, self.io_names, self.s_names):
+            a, b, c = rng.sample([name for name in names if name not in (io, s)], 3)
+            first, second = template.split("{S}", 1)[0], "{S}".join(template.split("{S}")[1:])
+            texts.append(_format(first + "{S}" + second.replace("{S}", "{C}"), a, b, place, obj, c))
+        return replace(self, prompts=texts, tokens=_tokenize(model, texts))
 
     def corrupted(self, model, seed: int = 1) -> "IOIDataset":
         """The ABC distribution: the same templates, places and objects, but the second mention of the subject

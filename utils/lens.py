@@ -206,3 +206,86 @@ def mean_kl_per_layer(model, resid: Tensor, lens_logits, kl=kl_from_final, chunk
             values = kl(final_logits, lens_logits(resid[layer, start:start + chunk], layer))
             totals[layer] += values.double().sum()
     return (totals / n_tokens).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chapter 01's longer exercises: their references (same signatures as the learner's functions)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mean_logit_lens_kl(model, resid: Tensor, chunk: int = 256) -> Tensor:
+    """`[n_rows]` mean over tokens of KL(final || logit lens) for every row of `resid` `[n_rows, n_tokens, d_model]`
+    (the last row is the final residual stream). Each row is normalised by its own final-norm scale, then
+    unembedded; tokens are taken `chunk` at a time so that only `[chunk, d_vocab]` logits exist at once."""
+    if resid.ndim != 3:
+        raise ValueError(f"resid must be [n_rows, n_tokens, d_model], got shape {tuple(resid.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    n_rows, n_tokens = resid.shape[0], resid.shape[1]
+    eps = _norm_eps(model)
+    totals = torch.zeros(n_rows, dtype=torch.float64)
+    for start in range(0, n_tokens, chunk):
+        block = resid[:, start:start + chunk]
+        final_logits = unembed(model, block[-1] / rms(block[-1], eps))
+        for layer in range(n_rows):
+            lens_logits = unembed(model, block[layer] / rms(block[layer], eps))
+            totals[layer] += kl_from_final(final_logits, lens_logits).double().sum()
+    return (totals / n_tokens).float()
+
+
+@torch.no_grad()
+def linearisation_error(model, resid: Tensor, chunk: int = 256) -> Tensor:
+    """`[n_rows]` mean over tokens of KL(exact logit lens || frozen-scale lens): for every row h_l of `resid`
+    `[n_rows, n_tokens, d_model]`, unembed(h_l / rms(h_l)) against unembed(h_l / rms(h_final)), where h_final is
+    the last row. 0 where freezing the final norm's scale changes nothing."""
+    if resid.ndim != 3:
+        raise ValueError(f"resid must be [n_rows, n_tokens, d_model], got shape {tuple(resid.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    n_rows, n_tokens = resid.shape[0], resid.shape[1]
+    eps = _norm_eps(model)
+    totals = torch.zeros(n_rows, dtype=torch.float64)
+    for start in range(0, n_tokens, chunk):
+        block = resid[:, start:start + chunk]
+        final_scale = rms(block[-1], eps)
+        for layer in range(n_rows):
+            exact = unembed(model, block[layer] / rms(block[layer], eps))
+            frozen = unembed(model, block[layer] / final_scale)
+            totals[layer] += kl_from_final(exact, frozen).double().sum()
+    return (totals / n_tokens).float()
+
+
+def train_translator_kl(model, h: Tensor, h_final: Tensor, weight: Tensor, bias: Tensor, steps: int,
+                        lr: float = 1e-3, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """One tuned-lens translator trained by Adam on KL(final || tuned lens) (Belrose et al., 2023).
+
+    h, h_final: `[n_tokens, d_model]` residual streams at one layer and at the end. weight `[d, d]`, bias `[d]`:
+    the starting translator (e.g. the ridge fit); they are not modified. Step s uses the tokens
+    `[(s * batch_size) % n_tokens : ... + batch_size]` (a fixed cycle through the data, no shuffling). The model is
+    frozen: gradients reach only the translator. Returns the trained (weight, bias), detached.
+    """
+    if h.shape != h_final.shape or h.ndim != 2:
+        raise ValueError(f"h and h_final must both be [n_tokens, d_model], got {tuple(h.shape)} and "
+                         f"{tuple(h_final.shape)}")
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"steps must be >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
+    eps = _norm_eps(model)
+    w_u, b_u = model.W_U.detach(), model.b_U.detach()
+    weight = weight.detach().clone().requires_grad_(True)
+    bias = bias.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([weight, bias], lr=lr)
+    n_tokens = h.shape[0]
+    with torch.enable_grad():  # also when the caller has switched gradients off
+        for step in range(steps):
+            start = (step * batch_size) % n_tokens
+            x, y = h[start:start + batch_size], h_final[start:start + batch_size]
+            with torch.no_grad():
+                log_p = ((y / rms(y, eps)) @ w_u + b_u).log_softmax(-1)
+            translated = x @ weight + bias
+            log_q = ((translated / rms(translated, eps)) @ w_u + b_u).log_softmax(-1)
+            loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return weight.detach(), bias.detach()

@@ -88,14 +88,20 @@ def _build_smollm2_cache(folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def ensure_smollm2_cache() -> Path:
+    """The folder of dequantised SmolLM2 weights, made first if missing (about 20 s, once per machine)."""
+    folder = _smollm2_cache_folder()
+    if not (folder / "model.safetensors").is_file():
+        _build_smollm2_cache(folder)
+    return folder
+
+
 def load_hf_smollm2():
     """SmolLM2-135M-Instruct as a plain HuggingFace model and tokenizer (float32), from the local cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    folder = _smollm2_cache_folder()
-    if not (folder / "model.safetensors").is_file():
-        _build_smollm2_cache(folder)
+    folder = ensure_smollm2_cache()
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a 2-second load needs no progress bar in every notebook
     try:

@@ -1,48 +1,89 @@
-"""Activation patching, path patching and attribution patching (chapter 04 has the learner write the pieces first).
+"""Activation patching, path patching and attribution patching: the course's reference (chapter 04 has the
+learner write each piece first; later chapters import these).
 
-Patching asks a causal question: *if this one activation had its value from the clean run, how much of the clean
-behaviour comes back?* We run the **corrupted** prompts (IOI with the second subject replaced by a third name,
-`IOIDataset.corrupted`) and copy in one **clean** activation at a time (a layer's residual stream at one position,
-one head's output, ...). The metric is the logit difference logit(IO) - logit(S), normalised so that the corrupted
-run scores 0 and the clean run scores 1 (`normalised_metric`).
+Patching asks a causal question: *if this one activation had its value from the other run, how much of the
+behaviour moves with it?* Chapter 04 runs IOI prompts ("When Mary and John went to the store, John gave a drink
+to") and their **ABC** versions (`IOIDataset.abc`: all three names replaced by three other names, as Wang et al.
+2022 did), and measures the logit difference logit(IO) - logit(S), normalised so that the ABC run scores 0 and the
+clean run 1 (`normalised_metric`).
 
-Every grid here is batched: a forward pass starts at the patched layer (`start_at_layer`; the earlier blocks are
-not affected) with one copy of the corrupted batch per patched position or head, and stops at the last block's
-residual stream (the read-out unembeds only what it needs, see `utils.ablation.ioi_readout`).
+- `patch_resid_grid`, `patch_head_grid`: denoising patches (clean into the ABC run), batched: for each layer one
+  forward pass from that layer (`utils.ablation.final_resid`, earlier blocks skipped) with one copy of the ABC
+  batch per patched position (or head).
+- `path_patch`: Wang et al.'s path patching (noising): the clean run with the sender heads' outputs taken from the
+  ABC run, every other head frozen at its clean value, and the receivers' inputs (queries, keys or values)
+  replaced by what they became; nothing else changes.
+- `attribution_patch_heads`: the first-order estimate (clean - ABC) . gradient of every head at once.
+- `circuit_logit_diff`: the model with every head outside a circuit replaced (mean ablation, Wang et al. §4).
 
-    grid = patch_grid(model, corrupted_resid, readout, "blocks.{layer}.hook_attn_out",
-                      lambda layer: partial(patch_each_position, clean_act=clean_attn_out[layer], positions=pos),
-                      n_copies=len(pos))                            # [n_layers, len(pos), batch] logit diffs
+Readouts map the last block's residual stream `[..., batch, pos, d_model]` to `[..., batch]` (no full unembedding):
+`partial(logit_diff_readout, direction=utils.ablation.logit_diff_direction(model, io_tokens, s_tokens))`.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from utils.ablation import final_name, final_resid, z_name
+from utils.lens import rms
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
-def normalised_metric(value: Tensor, clean: Tensor, corrupted: Tensor) -> Tensor:
-    """(value - corrupted) / (clean - corrupted): 0 = as bad as the corrupted run, 1 = as good as the clean run.
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------
 
-    `clean` and `corrupted` are the mean logit differences of the two runs (numbers or 0-d tensors); `value` any
-    tensor of logit differences (already averaged over prompts)."""
+
+def ioi_logit_diff(logits: Tensor, io_tokens: Tensor, s_tokens: Tensor) -> Tensor:
+    """`[batch]`: logit(IO) - logit(S) at the last position. `logits` `[batch, pos, vocab]`; token ids `[batch]`."""
+    last = logits[:, -1]
+    rows = torch.arange(last.shape[0], device=last.device)
+    return last[rows, io_tokens] - last[rows, s_tokens]
+
+
+def normalised_metric(value: Tensor, clean: Tensor, corrupted: Tensor) -> Tensor:
+    """(value - corrupted) / (clean - corrupted): 0 = as bad as the corrupted run, 1 = as good as the clean run."""
     return (value - corrupted) / (clean - corrupted)
 
 
-def patch_each_position(act: Tensor, hook, clean_act: Tensor, positions: Sequence[int]) -> Tensor:
-    """Hook: `act` is `[n_copies * batch, pos, ...]`, `n_copies = len(positions)` copies of the corrupted batch.
-    Copy i gets the clean activation `clean_act` `[batch, pos, ...]` at position `positions[i]` (and only there)."""
+def logit_diff_readout(final: Tensor, direction: Tensor) -> Tensor:
+    """Final residual `[..., batch, pos, d_model]` -> `[..., batch]` logit(IO) - logit(S) at the last position.
+    `direction`: `[d_model, batch]`, W_U[:, IO] - W_U[:, S] (utils.ablation.logit_diff_direction)."""
+    last = final[..., -1, :]
+    return torch.einsum("...bd,db->...b", last / rms(last), direction.to(last.dtype))
+
+
+def template_means(z: Tensor, groups: Tensor) -> Tensor:
+    """`z` `[n_layers, batch, pos, ...]` -> the same shape, prompt b's entry replaced by the mean over the prompts
+    of its group `groups[b]` (`[batch]` integer labels, e.g. each prompt's template): Wang et al.'s mean ablation
+    takes the mean over the ABC prompts of the same template."""
+    out = torch.empty_like(z)
+    for group in groups.unique():
+        members = groups == group
+        out[:, members] = z[:, members].mean(dim=1, keepdim=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hooks that patch one copy of the batch each
+# ---------------------------------------------------------------------------------------------------------
+
+
+def patch_each_position(act: Tensor, hook, clean_act: Tensor, positions: Tensor) -> Tensor:
+    """Hook: `act` is `[n_copies * batch, pos, ...]`, `n_copies` copies of the corrupted batch stacked as blocks.
+    `positions` `[n_copies, batch]`: copy i of prompt b gets the clean activation `clean_act[b, positions[i, b]]`
+    at position `positions[i, b]` (and only there). `clean_act` is `[batch, pos, ...]`."""
     batch = clean_act.shape[0]
-    for i, position in enumerate(positions):
-        act[i * batch:(i + 1) * batch, position] = clean_act[:, position]
+    rows = torch.arange(batch, device=act.device)
+    for i in range(positions.shape[0]):
+        act[i * batch + rows, positions[i]] = clean_act[rows, positions[i]]
     return act
 
 
@@ -55,163 +96,203 @@ def patch_each_head(z: Tensor, hook, clean_z: Tensor) -> Tensor:
     return z
 
 
+def _cache(model, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    wanted = set(names)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+    return {name: cache[name] for name in names}
+
+
 def stacked_acts(model, tokens: Tensor, name: str) -> Tensor:
     """`[n_layers, batch, pos, ...]`: the activation `name.format(layer=l)` of every layer on a plain run."""
     names = [name.format(layer=layer) for layer in range(model.cfg.n_layers)]
-    wanted = set(names)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda hook_name: hook_name in wanted)
+    cache = _cache(model, tokens, names)
     return torch.stack([cache[hook_name] for hook_name in names])
 
 
-def patch_grid(model, corrupted_resid: Tensor, readout: Callable[[Tensor], Tensor], hook_name: str,
-               make_hook: Callable[[int], Callable], n_copies: int, layers=None, progress: bool = False,
-               desc: str = "patching") -> Tensor:
-    """`[n_layers, n_copies, batch]`: `readout` of the final residual for every layer and copy.
+# ---------------------------------------------------------------------------------------------------------
+# patching grids (denoising: clean activations into the corrupted run)
+# ---------------------------------------------------------------------------------------------------------
 
-    For each layer the forward pass starts at that layer from the corrupted run's `resid_pre`
-    (`corrupted_resid`: `[n_layers, batch, pos, d_model]`) repeated `n_copies` times, with the hook
-    `make_hook(layer)` on `hook_name.format(layer=layer)` (it patches copy i of the batch)."""
-    batch = corrupted_resid.shape[1]
-    layers = range(model.cfg.n_layers) if layers is None else layers
-    if progress:
-        from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc=desc)
+def patch_resid_grid(model, clean_tokens: Tensor, corrupted_tokens: Tensor, readout: Callable[[Tensor], Tensor],
+                     positions: Tensor, layers: Sequence[int]) -> Tensor:
+    """`[len(layers), n_copies, batch]`: `readout` of the corrupted run with the residual stream entering `layer`
+    (`hook_resid_pre`) patched from the clean run at position `positions[i, b]` of prompt b (copy i)."""
+    batch, n_copies = clean_tokens.shape[0], positions.shape[0]
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    clean, corrupted = _cache(model, clean_tokens, names), _cache(model, corrupted_tokens, names)
     rows = []
-    for layer in layers:
-        inputs = corrupted_resid[layer].repeat(n_copies, 1, 1)
-        final = final_resid(model, inputs, [(hook_name.format(layer=layer), make_hook(layer))],
-                            start_at_layer=layer)
+    for layer, name in zip(layers, names):
+        def hook(act, hook, clean_act=clean[name]):
+            return patch_each_position(act, hook, clean_act, positions)
+
+        inputs = corrupted[name].repeat(n_copies, 1, 1)  # the corrupted run entering `layer`, one copy per patch
+        final = final_resid(model, inputs, [(name, hook)], start_at_layer=layer)
         rows.append(readout(final.view(n_copies, batch, *final.shape[1:])))
     return torch.stack(rows)
 
 
-def patch_resid_grid(model, corrupted_resid: Tensor, clean_resid: Tensor, positions: Sequence[int],
-                     readout: Callable[[Tensor], Tensor], layers=None, progress: bool = False) -> Tensor:
-    """`[n_layers, len(positions), batch]`: the residual stream entering each layer patched at one position."""
-    return patch_grid(model, corrupted_resid, readout, "blocks.{layer}.hook_resid_pre",
-                      lambda layer: _position_hook(clean_resid[layer], positions), len(positions),
-                      layers=layers, progress=progress, desc="patching resid_pre")
+def patch_head_grid(model, clean_tokens: Tensor, corrupted_tokens: Tensor, readout: Callable[[Tensor], Tensor],
+                    layers: Sequence[int]) -> Tensor:
+    """`[len(layers), n_heads, batch]`: `readout` of the corrupted run with one head's output (`hook_z`, every
+    position) patched from the clean run."""
+    batch, n_heads = clean_tokens.shape[0], model.cfg.n_heads
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    clean = _cache(model, clean_tokens, [z_name(layer) for layer in layers])
+    corrupted = _cache(model, corrupted_tokens, resid_names)
+    rows = []
+    for layer, resid_name in zip(layers, resid_names):
+        def hook(z, hook, clean_z=clean[z_name(layer)]):
+            return patch_each_head(z, hook, clean_z)
+
+        inputs = corrupted[resid_name].repeat(n_heads, 1, 1)
+        final = final_resid(model, inputs, [(z_name(layer), hook)], start_at_layer=layer)
+        rows.append(readout(final.view(n_heads, batch, *final.shape[1:])))
+    return torch.stack(rows)
 
 
-def _position_hook(clean_act: Tensor, positions: Sequence[int]):
-    def hook(act, hook):
-        return patch_each_position(act, hook, clean_act, positions)
-
-    return hook
+# ---------------------------------------------------------------------------------------------------------
+# path patching (Wang et al. 2022, noising: sender activations from the ABC run into the clean run)
+# ---------------------------------------------------------------------------------------------------------
 
 
-def patch_every_head(model, corrupted_resid: Tensor, clean_z: Tensor, readout: Callable[[Tensor], Tensor],
-                     layers=None, progress: bool = False) -> Tensor:
-    """`[n_layers, n_heads, batch]`: each head's output (`hook_z`, every position) patched from the clean run."""
+def path_patch(model, clean_tokens: Tensor, abc_tokens: Tensor, senders: Sequence[tuple[int, int]],
+               receivers: Sequence[tuple[int, int]], receiver_input: str,
+               readout: Callable[[Tensor], Tensor]) -> Tensor:
+    """`[batch]`: `readout` of the clean run when only the path senders -> receivers' `receiver_input` carries the
+    ABC run's values.
 
-    def make_hook(layer):
-        def hook(z, hook):
-            return patch_each_head(z, hook, clean_z[layer])
-
-        return hook
-
-    return patch_grid(model, corrupted_resid, readout, "blocks.{layer}.attn.hook_z", make_hook,
-                      model.cfg.n_heads, layers=layers, progress=progress, desc="patching heads")
-
-
-def head_output_delta(clean_z: Tensor, corrupted_z: Tensor, W_O: Tensor, head: int) -> Tensor:
-    """`[batch, pos, d_model]`: what head `head` writes to the residual stream on the clean run minus what it writes
-    on the corrupted run. `clean_z`, `corrupted_z`: one layer's hook_z `[batch, pos, n_heads, d_head]`; `W_O`: that
-    layer's `[n_heads, d_head, d_model]`."""
-    return (clean_z[:, :, head] - corrupted_z[:, :, head]) @ W_O[head]
+    1. Cache every head's output (hook_z) on the clean and the ABC run.
+    2. Run the clean prompts with the senders' hook_z from the ABC run and every other head frozen at its clean
+       hook_z (the MLPs recompute); record the receivers' `blocks.{l}.attn.hook_{receiver_input}` (q: one slice
+       per query head; k, v: one per key/value head, so receivers name key/value heads there).
+    3. Run the clean prompts with only the receivers' recorded slices patched in; everything else recomputes."""
+    return _path_patch(model, clean_tokens, abc_tokens, senders, receivers, receiver_input, readout)
 
 
-def path_patch_to_queries(model, corrupted_resid: Tensor, clean_z: Tensor, corrupted_z: Tensor,
-                          senders: Sequence[tuple[int, int]], receivers: Sequence[tuple[int, int]],
-                          readout: Callable[[Tensor], Tensor], query_position: int = -1,
-                          delta_fn: Callable = head_output_delta) -> Tensor:
-    """`[len(senders), batch]`: `readout` when only the path sender -> receivers' queries carries the clean signal.
-
-    For each sender head, the receivers' queries (at `query_position`) are recomputed from the corrupted residual
-    stream plus the sender's clean-minus-corrupted output (`delta_fn`), added directly at the receiver's layer (so
-    nothing between the sender and the receiver recomputes). Then the corrupted run is repeated with only those
-    queries replaced; everything downstream recomputes. One copy of the batch per sender."""
-    n_senders, batch = len(senders), corrupted_resid.shape[1]
-    deltas = torch.stack([delta_fn(clean_z[layer], corrupted_z[layer], model.W_O[layer], head)
-                          for layer, head in senders])  # [n_senders, batch, pos, d_model]
-    sender_layers = torch.tensor([layer for layer, _ in senders], device=deltas.device)
+def _path_patch(model, clean_tokens, abc_tokens, senders, receivers, receiver_input, readout, freeze_others=True,
+                only_receivers=True):
+    """`path_patch`, and (for the checks' diagnoses) the usual mistakes: other heads not frozen, every head of the
+    receivers' hook patched."""
+    if receiver_input not in ("q", "k", "v"):
+        raise ValueError(f"receiver_input must be 'q', 'k' or 'v', got {receiver_input!r}.")
+    n_layers = model.cfg.n_layers
+    clean_z = _cache(model, clean_tokens, [z_name(layer) for layer in range(n_layers)])
+    abc_z = _cache(model, abc_tokens, [z_name(layer) for layer in range(n_layers)])
     receiver_layers = sorted({layer for layer, _ in receivers})
-    new_q = {}
-    for layer in receiver_layers:
-        mask = (sender_layers < layer).to(deltas.dtype)[:, None, None, None]  # only earlier heads reach the input
-        inputs = (corrupted_resid[layer][None] + mask * deltas).flatten(0, 1)
-        grabbed = {}
+    last = receiver_layers[-1]
+    input_name = lambda layer: f"blocks.{layer}.attn.hook_{receiver_input}"
 
-        def grab(q, hook):
-            grabbed["q"] = q.detach().clone()
+    def freeze(z, hook, layer):  # step 2: every head clean, the senders from the ABC run
+        if freeze_others:
+            z[:] = clean_z[z_name(layer)]
+        for sender_layer, head in senders:
+            if sender_layer == layer:
+                z[:, :, head] = abc_z[z_name(layer)][:, :, head]
+        return z
+
+    recorded = {}
+
+    def record(x, hook, layer):
+        recorded[layer] = x.detach().clone()
+        if layer == last:
             raise _Stop
 
-        with torch.no_grad():
-            try:
-                model.run_with_hooks(inputs, fwd_hooks=[(f"blocks.{layer}.attn.hook_q", grab)], start_at_layer=layer)
-            except _Stop:
-                pass
-        model.reset_hooks()
-        new_q[layer] = grabbed["q"]
+    hooks = [(z_name(layer), lambda z, hook, layer=layer: freeze(z, hook, layer)) for layer in range(last)]
+    hooks += [(input_name(layer), lambda x, hook, layer=layer: record(x, hook, layer)) for layer in receiver_layers]
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(clean_tokens, fwd_hooks=hooks)
+        except _Stop:
+            pass
+        finally:
+            model.reset_hooks()
 
-    def make_hook(layer):
+    def patch(x, hook, layer):  # step 3: only the receivers' inputs change
         heads = [head for receiver_layer, head in receivers if receiver_layer == layer]
+        if not only_receivers:
+            heads = list(range(x.shape[2]))
+        x[:, :, heads] = recorded[layer][:, :, heads]
+        return x
 
-        def hook(q, hook):
-            q[:, query_position, heads] = new_q[layer][:, query_position, heads]
-            return q
-
-        return hook
-
-    inputs = corrupted_resid[receiver_layers[0]].repeat(n_senders, 1, 1)
-    hooks = [(f"blocks.{layer}.attn.hook_q", make_hook(layer)) for layer in receiver_layers]
-    final = final_resid(model, inputs, hooks, start_at_layer=receiver_layers[0])
-    return readout(final.view(n_senders, batch, *final.shape[1:]))
+    final = final_resid(model, clean_tokens, [(input_name(layer), lambda x, hook, layer=layer: patch(x, hook, layer))
+                                              for layer in receiver_layers])
+    return readout(final)
 
 
-def attribution_scores(clean_z: Tensor, corrupted_z: Tensor, grad_z: Tensor) -> Tensor:
-    """`[n_layers, n_heads]`: the first-order estimate of how much patching each head changes the metric:
-    (clean - corrupted) . gradient, summed over prompts, positions and d_head. All inputs `[n_layers, batch, pos,
-    n_heads, d_head]`; `grad_z` is the gradient of the metric (the mean logit difference over the prompts) on the
-    corrupted run, so it already carries the 1 / batch of the mean."""
-    return ((clean_z - corrupted_z) * grad_z).sum(dim=(1, 2, 4))
+# ---------------------------------------------------------------------------------------------------------
+# attribution patching
+# ---------------------------------------------------------------------------------------------------------
 
 
-def acts_and_grads(model, tokens: Tensor, metric: Callable[[Tensor], Tensor],
-                   name: str = "blocks.{layer}.attn.hook_z") -> tuple[Tensor, Tensor]:
-    """(the activation `name.format(layer=l)` of every layer, the metric's gradient with respect to it), both
-    `[n_layers, batch, pos, ...]`, from one forward and one backward pass. `metric` maps the final residual
-    `[batch, pos, d_model]` to a scalar (e.g. the mean logit difference)."""
-    names = [name.format(layer=layer) for layer in range(model.cfg.n_layers)]
-    leaves, values, grabbed = {}, {}, {}
+def attribution_patch_heads(model, clean_tokens: Tensor, corrupted_tokens: Tensor,
+                            readout: Callable[[Tensor], Tensor]) -> Tensor:
+    """`[n_layers, n_heads]`: the first-order estimate of the change in the mean readout when each head's output
+    (hook_z, every position) is patched from the clean run into the corrupted one:
+    (clean z - corrupted z) . d(mean readout)/dz on the corrupted run, summed over prompts, positions and d_head."""
+    return _attribution(model, clean_tokens, corrupted_tokens, readout)
 
-    def make_leaf_hook(hook_name):
-        def add_leaf(act, hook):
-            values[hook_name] = act.detach().clone()
-            leaf = torch.zeros_like(act, requires_grad=True)  # d(metric)/d(leaf) = d(metric)/d(act)
-            leaves[hook_name] = leaf
-            return act + leaf
 
-        return add_leaf
+def _attribution(model, clean_tokens, corrupted_tokens, readout, cut_at_each_head: bool = False):
+    """`attribution_patch_heads`; with cut_at_each_head, the mistake of making each hook_z a detached leaf (the
+    gradient then misses every path through later heads)."""
+    n_layers = model.cfg.n_layers
+    names = [z_name(layer) for layer in range(n_layers)]
+    clean = _cache(model, clean_tokens, names)
+    acts, grabbed = {}, {}
+
+    def keep(z, hook, name):
+        if cut_at_each_head:
+            z = z.detach()
+        leaf = torch.zeros_like(z, requires_grad=True)  # d(metric)/d(leaf) = d(metric)/dz, through every path
+        acts[name] = (z.detach().clone(), leaf)
+        return z + leaf
 
     def grab(resid, hook):
-        grabbed["resid"] = resid
+        grabbed["final"] = resid
         raise _Stop
 
     with torch.enable_grad():
         try:
-            # hook names one by one: a filter function would not see compatibility aliases such as hook_resid_pre
-            model.run_with_hooks(tokens, fwd_hooks=[(hook_name, make_leaf_hook(hook_name)) for hook_name in names]
+            model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, partial(keep, name=name)) for name in names]
                                  + [(final_name(model), grab)])
         except _Stop:
             pass
         finally:
             model.reset_hooks()
-        metric(grabbed["resid"]).backward()
-    return (torch.stack([values[hook_name] for hook_name in names]),
-            torch.stack([leaves[hook_name].grad for hook_name in names]))
+        readout(grabbed["final"]).mean().backward()
+    return torch.stack([((clean[name] - acts[name][0]) * acts[name][1].grad).sum(dim=(0, 1, 3)) for name in names])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# circuits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def circuit_logit_diff(model, tokens: Tensor, circuit: Sequence[tuple[int, int]], ablation_z: Tensor,
+                       readout: Callable[[Tensor], Tensor]) -> Tensor:
+    """`[batch]`: `readout` of the model in which every head *not* in `circuit` has its hook_z replaced by
+    `ablation_z` (`[n_layers, batch or 1, pos, n_heads, d_head]`, e.g. template means over the ABC run)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    kept = {(int(layer), int(head)) for layer, head in circuit}
+    hooks = []
+    for layer in range(n_layers):
+        outside = [head for head in range(n_heads) if (layer, head) not in kept]
+        if not outside:
+            continue
+
+        def hook(z, hook, layer=layer, outside=outside):
+            z[:, :, outside] = ablation_z[layer][:, :, outside].expand(z.shape[0], -1, -1, -1)
+            return z
+
+        hooks.append((z_name(layer), hook))
+    return readout(final_resid(model, tokens, hooks))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading heads
+# ---------------------------------------------------------------------------------------------------------
 
 
 def end_attention(pattern: Tensor, key_positions: Tensor) -> Tensor:

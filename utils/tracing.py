@@ -280,3 +280,142 @@ def token_groups(positions: Sequence[int], n_pos: int) -> dict[str, list[int]]:
         "last token": [end],
     }
     return groups
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chapter-05 exercises' references (one function per exercise, the signatures the learner writes).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def noise_level(model, facts: Sequence[tuple[str, str]], multiplier: float = NOISE_MULTIPLIER) -> float:
+    """ROME's noise level: `multiplier` x the standard deviation of every entry of the token embeddings of the
+    subjects' tokens, pooled over `facts` (a list of `(prompt, subject)` pairs)."""
+    if not facts:
+        raise ValueError("noise_level needs at least one (prompt, subject) pair")
+    rows = []
+    for prompt, subject in facts:
+        tokens = model.to_tokens(prompt)[0]
+        rows.append(model.W_E[tokens[subject_positions(model, prompt, subject)]])
+    return multiplier * float(torch.cat(rows).float().std())
+
+
+def corrupt_embeddings(embed: Tensor, positions: Sequence[int], std: float, n_samples: int, seed: int) -> Tensor:
+    """`[n_samples, pos, d_model]`: `embed` `[1, pos, d_model]` once per sample, seeded noise on `positions` only."""
+    return add_subject_noise(embed, positions, subject_noise(n_samples, len(positions), embed.shape[-1], std, seed))
+
+
+def _last_position_only(n_layers: int):
+    """A hook on the last block's output that keeps only the last position: the unembedding then costs 1 / pos."""
+    return (f"blocks.{n_layers - 1}.hook_resid_post", lambda resid, hook: resid[:, -1:])
+
+
+@torch.no_grad()
+def corrupted_prob(model, tokens: Tensor, noisy_embed: Tensor, answer_token: int) -> Tensor:
+    """`[n_samples]` p(answer) at the last position when `hook_embed` outputs `noisy_embed` (the corrupted run)."""
+    return restore_and_prob(model, tokens, noisy_embed, {}, 0, answer_token)
+
+
+@torch.no_grad()
+def trace_grid(model, tokens: Tensor, noisy_embed: Tensor, clean_acts: dict, answer_token: int, kind: str,
+               window: int, positions: Sequence[int], layers: Sequence[int]) -> Tensor:
+    """`[len(layers), len(positions)]`: p(answer), averaged over the noise samples (rows of `noisy_embed`), when the
+    state `kind` ("resid": `blocks.{l}.hook_resid_post`; "mlp"/"attn": the sublayer outputs of every layer of
+    `window_layers(l, window, n_layers)`) is restored to its clean value (`clean_acts[name]`, `[1, pos, d_model]`)
+    at one position, for every (layer, position) pair. One forward pass per layer, one row per (position, sample),
+    started at the first restored block from the cached corrupted residual stream."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    n_layers, n_samples, n_restore = model.cfg.n_layers, noisy_embed.shape[0], len(positions)
+    model.reset_hooks()
+    _, corrupted = model.run_with_cache(noisy_embed, start_at_layer=0,
+                                        names_filter=lambda name: name.endswith("hook_resid_pre"))
+    rows = torch.arange(n_restore * n_samples)
+    row_positions = torch.tensor(list(positions)).repeat_interleave(n_samples)  # rows: [position, sample]
+    result = torch.zeros(len(layers), n_restore)
+    for index, layer in enumerate(layers):
+        restored = [layer] if kind == "resid" else window_layers(layer, window, n_layers)
+        hooks = [_last_position_only(n_layers)]
+        for restored_layer in restored:
+            clean = clean_acts[hook_name(kind, restored_layer)]
+
+            def restore(activation, hook, clean=clean):
+                activation[rows, row_positions] = clean.reshape(-1, *clean.shape[-2:])[0, row_positions].to(
+                    activation.dtype)
+                return activation
+
+            hooks.insert(0, (hook_name(kind, restored_layer), restore))
+        start = restored[0]
+        resid = corrupted[f"blocks.{start}.hook_resid_pre"].repeat(n_restore, 1, 1)
+        logits = model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=hooks)
+        probs = logits[:, -1].float().softmax(-1)[:, answer_token]
+        result[index] = probs.view(n_restore, n_samples).mean(-1).cpu()
+    model.reset_hooks()
+    return result
+
+
+def clean_cache(model, tokens: Tensor) -> dict:
+    """The clean run's `hook_embed` and every resid_post / mlp_out / attn_out, as a dict of `[1, pos, d_model]`."""
+    names = {hook_name(kind, layer) for kind in KINDS for layer in range(model.cfg.n_layers)} | {"hook_embed"}
+    model.reset_hooks()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    return {name: cache[name] for name in names}
+
+
+@torch.no_grad()
+def trace_facts(model, facts: Sequence[dict], noise_std: float, n_samples: int, kind: str, window: int,
+                layers: Sequence[int], trace_fn=None):
+    """Trace every fact at its last subject token and its last token.
+
+    facts: dicts with "prompt", "positions" (the subject's token positions) and "answer_token"; fact `i` gets the
+    noise of `corrupt_embeddings(..., n_samples, seed=i)`. Returns `(restored [n_facts, len(layers), 2],
+    p_clean [n_facts], p_corrupted [n_facts])`, the probabilities averaged over the noise samples of each fact.
+    trace_fn: a function with `trace_grid`'s signature (default: the course's)."""
+    trace_fn = trace_fn or trace_grid
+    restored, p_clean, p_corrupted = [], [], []
+    for index, fact in enumerate(facts):
+        tokens = model.to_tokens(fact["prompt"])
+        cache = clean_cache(model, tokens)
+        noisy = corrupt_embeddings(cache["hook_embed"], fact["positions"], noise_std, n_samples, index)
+        key_positions = [max(fact["positions"]), tokens.shape[1] - 1]
+        restored.append(trace_fn(model, tokens, noisy, cache, fact["answer_token"], kind, window, key_positions,
+                                 list(layers)))
+        p_clean.append(float(model(tokens)[0, -1].float().softmax(-1)[fact["answer_token"]]))
+        p_corrupted.append(float(corrupted_prob(model, tokens, noisy, fact["answer_token"]).mean()))
+    return torch.stack(restored), torch.tensor(p_clean), torch.tensor(p_corrupted)
+
+
+@torch.no_grad()
+def severed_trace(model, tokens: Tensor, noisy_embed: Tensor, clean_acts: dict, answer_token: int, position: int,
+                  sever: str | None, layers: Sequence[int]) -> Tensor:
+    """ROME's Figure 3: `[len(layers)]` p(answer), averaged over the noise samples, when the hidden state after
+    block `l` (`blocks.{l}.hook_resid_post`) is restored at `position` while the `sever` sublayer ("mlp" or
+    "attn"; None: nothing severed) is frozen, at `position` and in every layer, at its value in the corrupted
+    run, so that the restored state can no longer act through it. One forward pass, one row per (layer, sample)."""
+    if sever not in (None, "mlp", "attn"):
+        raise ValueError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
+    n_layers, n_samples, n_rows = model.cfg.n_layers, noisy_embed.shape[0], len(layers)
+    hooks = [_last_position_only(n_layers)]
+    if sever is not None:
+        names = {hook_name(sever, layer) for layer in range(n_layers)}
+        model.reset_hooks()
+        _, corrupted = model.run_with_cache(noisy_embed, start_at_layer=0, names_filter=lambda name: name in names)
+        for name in names:
+            def freeze(activation, hook, frozen=corrupted[name][:, position]):
+                activation[:, position] = frozen.repeat(n_rows, 1).to(activation.dtype)
+                return activation
+
+            hooks.insert(0, (name, freeze))
+    for index, layer in enumerate(layers):
+        clean = clean_acts[hook_name("resid", layer)]
+
+        def restore(activation, hook, rows=slice(index * n_samples, (index + 1) * n_samples), clean=clean):
+            activation[rows, position] = clean.reshape(-1, *clean.shape[-2:])[0, position].to(activation.dtype)
+            return activation
+
+        hooks.insert(0, (hook_name("resid", layer), restore))
+    model.reset_hooks()
+    logits = model.run_with_hooks(noisy_embed.repeat(n_rows, 1, 1), start_at_layer=0, fwd_hooks=hooks)
+    model.reset_hooks()
+    probs = logits[:, -1].float().softmax(-1)[:, answer_token]
+    return probs.view(n_rows, n_samples).mean(-1).cpu()

@@ -11,13 +11,13 @@ import math
 import torch
 
 from utils import lens as _lens
-from utils.course.checking import CheckFailed, exercise, expect_callable, expect_number, expect_tensor
+from utils.course.checking import CheckFailed, exercise, expect_callable, expect_number, expect_tensor, hidden_generator
 from utils.models import model_for_checks
 
 VISIBLE_PROMPTS = ["The Eiffel Tower is in the city of", "One, two, three, four,"]
 HIDDEN_PROMPTS = ["Water boils at a temperature of one hundred degrees", "She opened the door and saw a"]
 
-# Exercise 1.4: the layer from which the logit lens's mean KL to the final output stays below this (nats).
+# Exercise 1.5: the layer from which the logit lens's mean KL to the final output stays below this (nats).
 SETTLING_THRESHOLD = 1.0
 
 
@@ -74,14 +74,9 @@ def _diagnose_lens_shape(got: torch.Tensor, expected: torch.Tensor, n_layers: in
     raise CheckFailed(f"{what}: expected shape {want} = [layer, batch, pos, d_vocab], got {shape}.")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 1.1 — the logit lens by hand
-# ---------------------------------------------------------------------------------------------------------
-
-
-@exercise("01", "1.1", "logit_lens", "The logit lens by hand", points=2)
-def logit_lens(answer, hidden):
-    expect_callable(answer, "logit_lens")
+def _check_lens(answer, hidden: bool, reference, diagnose) -> str:
+    """The loop both lens checks share: run `answer(model, cache)` on every prompt, compare with `reference`, and
+    let `diagnose(model, cache, got, expected, what)` name the mistake before the generic comparison."""
     model = model_for_checks()
     n_layers = model.cfg.n_layers
     prompts = _prompts(hidden)
@@ -90,38 +85,54 @@ def logit_lens(answer, hidden):
             _, cache = _run(model, prompt)
             what = f"prompt {i} ({prompt!r})"
             got = answer(model, cache)
-            expected = _lens.logit_lens(model, cache)
+            expected = reference(model, cache)
             if not isinstance(got, torch.Tensor):
                 raise CheckFailed(f"{what}: expected a torch.Tensor of logits, got {type(got).__name__}.")
             _diagnose_lens_shape(got, expected, n_layers, what)
             if _close(got, expected):
                 continue
-            stack = _lens.resid_stack(cache, n_layers)
-            if _close(got, model.unembed(stack)):
-                raise CheckFailed(f"{what}: your logits are the unembedding of the raw residual stream. You forgot "
-                                  f"the final norm: apply model.ln_final to each layer's residual before unembedding.")
-            if _close(got, _lens.linearised_logit_lens(model, cache)):
-                raise CheckFailed(f"{what}: you divided every layer by the final layer's norm scale (the cached "
-                                  f"ln_final scale). The logit lens recomputes the norm for each layer's own residual.")
-            if _close(got, expected.log_softmax(-1)) or _close(got, expected.softmax(-1), atol=1e-6):
-                raise CheckFailed(f"{what}: you returned log-probabilities or probabilities; return the logits "
-                                  f"(ln_final then the unembedding, no softmax).")
-            if _close(got[1:], model.unembed(model.ln_final(torch.stack(
-                    [cache[f"blocks.{layer}.hook_resid_mid"] for layer in range(n_layers)])))):
-                raise CheckFailed(f"{what}: your rows 1..{n_layers} are read from resid_mid (after attention, before "
-                                  f"the MLP). Use each block's resid_post.")
-            expect_tensor(got, expected, what, atol=1e-3,
-                          hint="row 0 is the embedding output, row l the output of block l-1; apply model.ln_final, "
-                               "then model.unembed.")
+            diagnose(model, cache, got, expected, what)
     return f"{len(prompts)} prompts"
 
+
+# ---------------------------------------------------------------------------------------------------------
+# 1.1 — the logit lens by hand
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _logit_lens_mistakes(model, cache, got, expected, what) -> None:
+    n_layers = model.cfg.n_layers
+    stack = _lens.resid_stack(cache, n_layers)
+    if _close(got, model.unembed(stack)):
+        raise CheckFailed(f"{what}: your logits are the unembedding of the raw residual stream. You forgot "
+                          f"the final norm: apply model.ln_final to each layer's residual before unembedding.")
+    if _close(got, _lens.linearised_logit_lens(model, cache)):
+        raise CheckFailed(f"{what}: you divided every layer by the final layer's norm scale (the cached "
+                          f"ln_final scale). The logit lens recomputes the norm for each layer's own residual.")
+    if _close(got, expected.log_softmax(-1)) or _close(got, expected.softmax(-1), atol=1e-6):
+        raise CheckFailed(f"{what}: you returned log-probabilities or probabilities; return the logits "
+                          f"(ln_final then the unembedding, no softmax).")
+    if _close(got[1:], model.unembed(model.ln_final(torch.stack(
+            [cache[f"blocks.{layer}.hook_resid_mid"] for layer in range(n_layers)])))):
+        raise CheckFailed(f"{what}: your rows 1..{n_layers} are read from resid_mid (after attention, before "
+                          f"the MLP). Use each block's resid_post.")
+    expect_tensor(got, expected, what, atol=1e-3,
+                  hint="row 0 is the embedding output, row l the output of block l-1; apply model.ln_final, "
+                       "then model.unembed.")
+
+
+@exercise("01", "1.1", "logit_lens", "The logit lens by hand", points=2, reference=_lens.logit_lens)
+def logit_lens(answer, hidden):
+    expect_callable(answer, "logit_lens")
+    return _check_lens(answer, hidden, _lens.logit_lens, _logit_lens_mistakes)
 
 # ---------------------------------------------------------------------------------------------------------
 # 1.2 — rank of the true next token
 # ---------------------------------------------------------------------------------------------------------
 
 
-@exercise("01", "1.2", "next_token_ranks", "Rank of the true next token at every layer")
+@exercise("01", "1.2", "next_token_ranks", "Rank of the true next token at every layer",
+          reference=_lens.next_token_ranks)
 def next_token_ranks(answer, hidden):
     expect_callable(answer, "next_token_ranks")
     model = model_for_checks()
@@ -195,7 +206,8 @@ def _kl_cases(hidden: bool):
     return cases
 
 
-@exercise("01", "1.3", "kl_from_final", "KL divergence from the final output", points=2)
+@exercise("01", "1.3", "kl_from_final", "KL divergence from the final output", points=2,
+          reference=_lens.kl_from_final)
 def kl_from_final(answer, hidden):
     expect_callable(answer, "kl_from_final")
     cases = _kl_cases(hidden)
@@ -229,7 +241,95 @@ def kl_from_final(answer, hidden):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1.4 — where do the predictions settle?
+# 1.4 — the mean KL per layer over a corpus, in chunks of tokens
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resid_cases(hidden: bool) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, resid [n_rows, n_tokens, d_model], chunk): residual streams of the check prompts (BOS dropped), with
+    chunk sizes that do not divide the number of tokens, so the last chunk is shorter than the others."""
+    model = model_for_checks()
+    with torch.no_grad():
+        streams = [_lens.collect_resid(model, model.to_tokens(prompt), progress=False) for prompt in VISIBLE_PROMPTS]
+        resid = torch.cat(streams, dim=1)[::3]  # rows 0, 3, ..., 30: the functions take any stack of rows
+        cases = [(f"the visible prompts ({resid.shape[1]} tokens, every third row), chunk 4", resid, 4),
+                 (f"the visible prompts ({resid.shape[1]} tokens, every third row), one chunk", resid, 1000)]
+        if hidden:
+            hidden_streams = [_lens.collect_resid(model, model.to_tokens(prompt), progress=False)
+                              for prompt in HIDDEN_PROMPTS]
+            hidden_resid = torch.cat(hidden_streams, dim=1)[::3]
+            generator = hidden_generator(11)
+            noisy = hidden_resid * (1 + 0.3 * torch.rand(hidden_resid.shape[0], 1, 1, generator=generator))
+            chunk = int(torch.randint(2, 6, (1,), generator=generator))
+            cases.append((f"hidden prompts, rescaled rows, chunk {chunk}", noisy, chunk))
+    return cases
+
+
+def _chunk_blocks(resid: torch.Tensor, chunk: int):
+    return [resid[:, start:start + chunk] for start in range(0, resid.shape[1], chunk)]
+
+
+def _mean_kl_variant(model, resid, chunk, norm="own", reverse=False, mean_of_chunks=False) -> torch.Tensor:
+    """The reference with one mistake switched on, to name it."""
+    eps = _lens._norm_eps(model)
+    per_chunk = []
+    for block in _chunk_blocks(resid, chunk):
+        final = _lens.unembed(model, block[-1] / _lens.rms(block[-1], eps))
+        rows = []
+        for layer in range(block.shape[0]):
+            h = block[layer]
+            scaled = {"own": h / _lens.rms(h, eps), "none": h, "final": h / _lens.rms(block[-1], eps)}[norm]
+            logits = _lens.unembed(model, scaled)
+            kl = _lens.kl_from_final(logits, final) if reverse else _lens.kl_from_final(final, logits)
+            rows.append(kl.double())
+        per_chunk.append(torch.stack(rows))  # [n_rows, tokens in chunk]
+    if mean_of_chunks:
+        return torch.stack([values.mean(1) for values in per_chunk]).mean(0).float()
+    return torch.cat(per_chunk, dim=1).mean(1).float()
+
+
+def _expect_per_row(got, expected, what: str) -> torch.Tensor:
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailed(f"{what}: expected a torch.Tensor of mean KLs, got {type(got).__name__}.")
+    if tuple(got.shape) != tuple(expected.shape):
+        raise CheckFailed(f"{what}: expected shape {tuple(expected.shape)} = [n_rows] (one mean over tokens per "
+                          f"row of resid), got {tuple(got.shape)}. Average over the token axis only.")
+    return got.detach().float().cpu()
+
+
+@exercise("01", "1.4", "mean_kl_per_layer", "The mean KL per layer over a corpus", points=3,
+          reference=_lens.mean_logit_lens_kl)
+def mean_kl_per_layer(answer, hidden):
+    expect_callable(answer, "mean_kl_per_layer")
+    model = model_for_checks()
+    cases = _resid_cases(hidden)
+    with torch.no_grad():
+        for name, resid, chunk in cases:
+            what = f"mean_kl_per_layer on {name}"
+            expected = _lens.mean_logit_lens_kl(model, resid, chunk)
+            got = _expect_per_row(answer(model, resid.clone(), chunk), expected, what)
+            if _close(got, expected, atol=1e-3, rtol=1e-3):
+                continue
+            mistakes = [
+                (dict(norm="none"), "you unembedded the raw residual streams: apply the final norm (divide each "
+                                    "vector by its own RMS, as model.ln_final does) before model.unembed."),
+                (dict(norm="final"), "you divided every row by the final row's RMS: that is the frozen-scale lens "
+                                     "of section 4. The logit lens normalises each vector by its own RMS."),
+                (dict(reverse=True), "you computed KL(lens || final). We want KL(final || lens), the expectation "
+                                     "under the model's final distribution."),
+                (dict(mean_of_chunks=True), "you averaged the per-chunk means, which overweights the last, shorter "
+                                            "chunk. Sum the KLs over all tokens, then divide by the number of tokens."),
+            ]
+            for settings, message in mistakes:
+                if _close(got, _mean_kl_variant(model, resid, chunk, **settings), atol=1e-3, rtol=1e-3):
+                    raise CheckFailed(f"{what}: {message}")
+            expect_tensor(got, expected, what, atol=1e-3, rtol=1e-3,
+                          hint="for each chunk: final logits from the last row, then each row's logit lens, "
+                               "KL summed over tokens; divide the totals by the number of tokens.")
+    return f"{len(cases)} stacks of residual streams"
+
+# ---------------------------------------------------------------------------------------------------------
+# 1.5 — where do the predictions settle?
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -258,34 +358,53 @@ SEQ_LEN = 64
 N_TRAIN_SEQUENCES = 96
 
 
-@exercise("01", "1.4", "settling_layer", "Where do the predictions settle?")
-def settling_layer(answer, hidden):
-    if answer is Ellipsis:  # the learner's notebook starts with `settling_layer = ...`
-        raise NotImplementedError("Exercise 1.4")
-    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
-        answer = answer.item()
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        raise CheckFailed(f"settling_layer: expected an int (a layer index 0..30), got {type(answer).__name__}.")
-    mean_kl = _reference_mean_kl(1 if not hidden else 2)
-    expected = settling_layer_from(mean_kl)
-    first_below = int((mean_kl < SETTLING_THRESHOLD).nonzero()[0])
-    if answer == expected:
-        return f"layer {expected}"
-    if abs(answer - expected) <= 1:
-        return f"layer {answer}; on the check's sample of held-out tokens it is {expected}"
-    if answer == first_below and first_below != expected:
-        raise CheckFailed(f"settling_layer = {answer} is the first layer whose mean KL dips below "
-                          f"{SETTLING_THRESHOLD} nat, but a later layer goes back above it. We want the layer from "
-                          f"which the KL *stays* below the threshold.")
-    raise CheckFailed(f"settling_layer = {answer}, expected about {expected} (the first layer from which the mean "
-                      f"KL(final || logit lens) stays below {SETTLING_THRESHOLD} nat). Did you use your mean_kl from "
-                      f"Exercise 1.3, over all {len(mean_kl)} rows (0 = embedding)?")
+def _settling_cases(hidden: bool) -> list[tuple[str, torch.Tensor, float]]:
+    """KL curves with a known answer: one that dips below the threshold and comes back up, one that is below it
+    everywhere, one that never gets below it before the last row, and (hidden) random ones."""
+    cases = [
+        ("a curve that dips below 1 at layer 2, rises again, and stays below from layer 5",
+         torch.tensor([9.0, 3.0, 0.8, 1.5, 2.0, 0.9, 0.4, 0.2, 0.0]), 1.0),
+        ("a curve below the threshold everywhere", torch.tensor([0.3, 0.2, 0.1, 0.0]), 0.5),
+        ("a curve that reaches the threshold exactly at layer 4", torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.0]), 1.0),
+    ]
+    if hidden:
+        generator = hidden_generator(14)
+        for index in range(3):
+            n = int(torch.randint(6, 32, (1,), generator=generator))
+            curve = torch.rand(n, generator=generator) * 4 * torch.linspace(1.0, 0.0, n)
+            cases.append((f"a random curve of {n} layers", curve, 0.5 + index * 0.5))
+    return cases
 
+
+@exercise("01", "1.5", "settling_layer", "Where do the predictions settle?", reference=settling_layer_from)
+def settling_layer(answer, hidden):
+    expect_callable(answer, "settling_layer")
+    cases = _settling_cases(hidden)
+    for name, curve, threshold in cases:
+        what = f"settling_layer on {name} (threshold {threshold:g})"
+        got = answer(curve.clone(), threshold)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, int) or isinstance(got, bool):
+            raise CheckFailed(f"{what}: expected an int (a layer index), got {type(got).__name__}.")
+        expected = settling_layer_from(curve, threshold)
+        if got == expected:
+            continue
+        below = (curve < threshold).nonzero()
+        if len(below) and got == int(below[0]):
+            raise CheckFailed(f"{what}: {got} is the first layer below the threshold, but a later layer goes back "
+                              f"above it. We want the layer from which the KL *stays* below (expected {expected}).")
+        strictly_above = (curve > threshold).nonzero()
+        with_equal = 0 if len(strictly_above) == 0 else int(strictly_above[-1]) + 1
+        if got == with_equal:
+            raise CheckFailed(f"{what}: got {got}, expected {expected}. A layer whose KL equals the threshold is not "
+                              f"below it: compare with <, not <=.")
+        raise CheckFailed(f"{what}: got {got}, expected {expected} (the first layer l such that every layer from l "
+                          f"on is below the threshold).")
+    return f"{len(cases)} KL curves"
 
 # ---------------------------------------------------------------------------------------------------------
-# 1.5 — a translator in closed form
+# 1.6 — a translator in closed form
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -297,7 +416,8 @@ def _regression_case(n: int, d: int, seed: int):
     return x, y
 
 
-@exercise("01", "1.5", "fit_translator", "A tuned-lens translator in closed form", points=2)
+@exercise("01", "1.6", "fit_translator", "A tuned-lens translator in closed form", points=2,
+          reference=_lens.fit_translator)
 def fit_translator(answer, hidden):
     expect_callable(answer, "fit_translator")
     cases = [(200, 6, 0.0, 0), (200, 6, 50.0, 1)]
@@ -347,40 +467,195 @@ def fit_translator(answer, hidden):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1.6 — the linearised lens
+# 1.7 — the tuned lens trained on the KL (Belrose et al.'s objective)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@exercise("01", "1.6", "linearised_logit_lens", "Freezing the final norm's scale", points=2)
+def _train_variant(model, h, h_final, weight, bias, steps, lr, batch_size, reverse=False, norm=True,
+                   cycle=True, loss_sum=False):
+    """The reference training loop with one mistake switched on, to name it."""
+    eps = _lens._norm_eps(model)
+    w_u, b_u = model.W_U.detach(), model.b_U.detach()
+    weight = weight.detach().clone().requires_grad_(True)
+    bias = bias.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([weight, bias], lr=lr)
+    torch.set_grad_enabled(True)  # the caller restores its own setting (see train_translator_kl below)
+    for step in range(steps):
+        start = (step * batch_size) % h.shape[0] if cycle else 0
+        x, y = h[start:start + batch_size], h_final[start:start + batch_size]
+        with torch.no_grad():
+            log_p = ((y / _lens.rms(y, eps)) @ w_u + b_u).log_softmax(-1)
+        translated = x @ weight + bias
+        scaled = translated / _lens.rms(translated, eps) if norm else translated
+        log_q = (scaled @ w_u + b_u).log_softmax(-1)
+        per_token = (log_q.exp() * (log_q - log_p)).sum(-1) if reverse else (log_p.exp() * (log_p - log_q)).sum(-1)
+        loss = per_token.sum() if loss_sum else per_token.mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return weight.detach(), bias.detach()
+
+
+def _train_cases(hidden: bool):
+    """(name, layer, steps, lr, batch_size, init seed): few tokens, batches that wrap around the data."""
+    cases = [("layer 10, 4 steps of 6 tokens", 10, 4, 1e-2, 6, 0), ("layer 20, 3 steps of 5 tokens", 20, 3, 3e-3, 5, 1)]
+    if hidden:
+        generator = hidden_generator(17)
+        layer = int(torch.randint(1, 29, (1,), generator=generator))
+        batch = int(torch.randint(3, 9, (1,), generator=generator))
+        cases.append((f"layer {layer}, 5 steps of {batch} tokens", layer, 5, 5e-3, batch, 2))
+    return cases
+
+
+@exercise("01", "1.7", "train_translator_kl", "A tuned lens trained on the KL", points=3,
+          reference=_lens.train_translator_kl)
+def train_translator_kl(answer, hidden):
+    expect_callable(answer, "train_translator_kl")
+    model = model_for_checks()
+    with torch.no_grad():
+        resid = torch.cat([_lens.collect_resid(model, model.to_tokens(prompt), progress=False)
+                           for prompt in VISIBLE_PROMPTS], dim=1)
+    cases = _train_cases(hidden)
+    d = resid.shape[-1]
+    previous = torch.is_grad_enabled()
+    try:
+        torch.set_grad_enabled(True)  # training needs gradients, whatever the caller had set
+        return _check_training(answer, model, resid, cases, d)
+    finally:
+        torch.set_grad_enabled(previous)
+
+
+def _check_training(answer, model, resid, cases, d) -> str:
+    for name, layer, steps, lr, batch_size, seed in cases:
+        what = f"train_translator_kl on {name} (lr {lr:g})"
+        generator = torch.Generator().manual_seed(seed)
+        weight0 = torch.eye(d) + 0.01 * torch.randn(d, d, generator=generator)
+        bias0 = 0.1 * torch.randn(d, generator=generator)
+        h, h_final = resid[layer], resid[-1]
+        got = answer(model, h.clone(), h_final.clone(), weight0.clone(), bias0.clone(), steps, lr, batch_size)
+        model.zero_grad(set_to_none=True)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise CheckFailed(f"{what}: return a pair (weight, bias), got {type(got).__name__}.")
+        expected = _lens.train_translator_kl(model, h, h_final, weight0, bias0, steps, lr, batch_size)
+        for label, value, ref in zip(("weight", "bias"), got, expected):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(ref.shape):
+                expect_tensor(value, ref, f"{what}, {label}")
+        weight, bias = (value.detach().float().cpu() for value in got)
+        tolerance = dict(atol=0.05 * lr, rtol=1e-3)
+
+        def same(pair) -> bool:
+            return _close(weight, pair[0], **tolerance) and _close(bias, pair[1], **tolerance)
+
+        if same(expected):
+            continue
+        if same((weight0, bias0)):
+            raise CheckFailed(f"{what}: the translator came back unchanged: no optimiser step reached it (did you "
+                              f"call loss.backward() and optimiser.step() on tensors that require grad?).")
+        mistakes = [
+            (dict(reverse=True), "you minimised KL(lens || final). Belrose et al. minimise KL(final || lens): "
+                                 "sum p_final * (log p_final - log p_lens)."),
+            (dict(norm=False), "you unembedded the translated vector without the final norm: divide it by its own "
+                               "RMS first (the tuned lens is unembed(ln_final(h W + b)))."),
+            (dict(cycle=False), "every step used the same first batch. Step s should use the tokens starting at "
+                                "(s * batch_size) % n_tokens."),
+            (dict(loss_sum=True), "your loss sums the KL over tokens; average it (Adam is nearly scale-free, but "
+                                  "not exactly, and the mean is the objective)."),
+        ]
+        for settings, message in mistakes:
+            if same(_train_variant(model, h, h_final, weight0, bias0, steps, lr, batch_size, **settings)):
+                raise CheckFailed(f"{what}: {message}")
+        if same(_train_variant(model, h, h_final, weight0, bias0, steps - 1, lr, batch_size)):
+            raise CheckFailed(f"{what}: one Adam step too few: take exactly `steps` steps.")
+        expect_tensor(weight, expected[0], f"{what}, weight", **tolerance,
+                      hint="Adam on [weight, bias] only (model frozen), KL(final || tuned lens) averaged over the "
+                           "batch, step s on tokens (s * batch_size) % n_tokens onwards.")
+        expect_tensor(bias, expected[1], f"{what}, bias", **tolerance)
+    return f"{len(cases)} training runs"
+
+# ---------------------------------------------------------------------------------------------------------
+# 1.8 — the linearised lens
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _linearised_mistakes(model, cache, got, expected, what) -> None:
+    n_layers = model.cfg.n_layers
+    stack = _lens.resid_stack(cache, n_layers)
+    if _close(got, _lens.logit_lens(model, cache)):
+        raise CheckFailed(f"{what}: this is the exact logit lens: you recomputed each layer's own norm scale. "
+                          f"Divide every layer by the scale of the *final* residual stream instead.")
+    if _close(got, model.unembed(stack)):
+        raise CheckFailed(f"{what}: you did not divide by any scale. Divide every layer's residual by the "
+                          f"final layer's RMS, then unembed.")
+    if _close(got, model.unembed(stack * _lens.rms(stack[-1]))):
+        raise CheckFailed(f"{what}: you multiplied by the final scale; RMSNorm divides by it.")
+    if _close(got, model.unembed(stack / _lens.rms(stack[0]))):
+        raise CheckFailed(f"{what}: you used the embedding's scale (layer 0) for every layer; freeze the "
+                          f"scale of the final residual stream (blocks.{n_layers - 1}.hook_resid_post).")
+    expect_tensor(got, expected, what, atol=1e-3, hint="logits = unembed(h_l / rms(h_final)) for every layer l.")
+
+
+@exercise("01", "1.8", "linearised_logit_lens", "Freezing the final norm's scale", points=2,
+          reference=_lens.linearised_logit_lens)
 def linearised_logit_lens(answer, hidden):
     expect_callable(answer, "linearised_logit_lens")
+    return _check_lens(answer, hidden, _lens.linearised_logit_lens, _linearised_mistakes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1.9 — the linearisation error per layer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _linerr_variant(model, resid, chunk, reverse=False, against_final=False, inverse=False) -> torch.Tensor:
+    eps = _lens._norm_eps(model)
+    totals = torch.zeros(resid.shape[0], dtype=torch.float64)
+    for block in _chunk_blocks(resid, chunk):
+        final_scale = _lens.rms(block[-1], eps)
+        final = _lens.unembed(model, block[-1] / final_scale)
+        for layer in range(block.shape[0]):
+            h = block[layer]
+            exact = _lens.unembed(model, h / _lens.rms(h, eps))
+            frozen = _lens.unembed(model, h * final_scale / _lens.rms(h, eps) ** 2 if inverse else h / final_scale)
+            if against_final:
+                kl = _lens.kl_from_final(final, frozen)
+            else:
+                kl = _lens.kl_from_final(frozen, exact) if reverse else _lens.kl_from_final(exact, frozen)
+            totals[layer] += kl.double().sum()
+    return (totals / resid.shape[1]).float()
+
+
+@exercise("01", "1.9", "linearisation_error", "The linearisation error per layer", points=3,
+          reference=_lens.linearisation_error)
+def linearisation_error(answer, hidden):
+    expect_callable(answer, "linearisation_error")
     model = model_for_checks()
-    n_layers = model.cfg.n_layers
-    prompts = _prompts(hidden)
+    cases = _resid_cases(hidden)
     with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            _, cache = _run(model, prompt)
-            what = f"prompt {i} ({prompt!r})"
-            got = answer(model, cache)
-            expected = _lens.linearised_logit_lens(model, cache)
-            if not isinstance(got, torch.Tensor):
-                raise CheckFailed(f"{what}: expected a torch.Tensor of logits, got {type(got).__name__}.")
-            _diagnose_lens_shape(got, expected, n_layers, what)
-            if _close(got, expected):
+        for name, resid, chunk in cases:
+            what = f"linearisation_error on {name}"
+            expected = _lens.linearisation_error(model, resid, chunk)
+            got = _expect_per_row(answer(model, resid.clone(), chunk), expected, what)
+            if _close(got, expected, atol=1e-3, rtol=1e-3):
                 continue
-            stack = _lens.resid_stack(cache, n_layers)
-            if _close(got, _lens.logit_lens(model, cache)):
-                raise CheckFailed(f"{what}: this is the exact logit lens: you recomputed each layer's own norm scale. "
-                                  f"Divide every layer by the scale of the *final* residual stream instead.")
-            if _close(got, model.unembed(stack)):
-                raise CheckFailed(f"{what}: you did not divide by any scale. Divide every layer's residual by the "
-                                  f"final layer's RMS, then unembed.")
-            final_rms = _lens.rms(stack[-1])
-            if _close(got, model.unembed(stack * final_rms)):
-                raise CheckFailed(f"{what}: you multiplied by the final scale; RMSNorm divides by it.")
-            if _close(got, model.unembed(stack / _lens.rms(stack[0]))):
-                raise CheckFailed(f"{what}: you used the embedding's scale (layer 0) for every layer; freeze the "
-                                  f"scale of the final residual stream (blocks.{n_layers - 1}.hook_resid_post).")
-            expect_tensor(got, expected, what, atol=1e-3,
-                          hint="logits = unembed(h_l / rms(h_final)) for every layer l.")
-    return f"{len(prompts)} prompts"
+            if float(got.abs().max()) < 1e-6:
+                raise CheckFailed(f"{what}: every row is 0: your frozen lens recomputes each row's own scale. "
+                                  f"Divide each row by the RMS of the *last* row (the final residual stream).")
+            mistakes = [
+                (dict(reverse=True), "you computed KL(frozen || exact). We measure the error from the exact lens: "
+                                     "KL(exact lens || frozen lens)."),
+                (dict(against_final=True), "you compared the frozen lens with the model's final output; the "
+                                           "linearisation error compares it with the exact logit lens at the same row."),
+                (dict(inverse=True), "your frozen lens scales the wrong way: it is unembed(h_l / rms(h_final)), "
+                                     "i.e. the exact logits times rms(h_l) / rms(h_final)."),
+            ]
+            for settings, message in mistakes:
+                if _close(got, _linerr_variant(model, resid, chunk, **settings), atol=1e-3, rtol=1e-3):
+                    raise CheckFailed(f"{what}: {message}")
+            if _close(got, _mean_kl_variant(model, resid, chunk, mean_of_chunks=False, norm="final"), atol=1e-3,
+                      rtol=1e-3):
+                raise CheckFailed(f"{what}: this is KL(final || frozen lens); compare the frozen lens with the exact "
+                                  f"logit lens of the same row instead.")
+            expect_tensor(got, expected, what, atol=1e-3, rtol=1e-3,
+                          hint="per chunk: exact = unembed of each row over its own RMS, frozen = over the last "
+                               "row's RMS; sum KL(exact || frozen) over tokens, divide by the number of tokens.")
+    return f"{len(cases)} stacks of residual streams"

@@ -10,5 +10,7 @@
     grade.py      grades a class's notebooks and writes the reports; `python -m utils.grade`
     nbtest.py     the pytest plugin that executes each solution notebook once, compares outputs, and grades it
     bench.py      runtime and peak memory of a notebook; `python -m utils.course.bench`
+    stats.py      exercises and reference-solution lines per chapter; `python -m utils.course.stats`
+    suitecost.py  what each part of the test suite costs and the 20-chapter projection (a pytest plugin too)
     colab.py      the setup cell every notebook starts with, and REPO_URL
 """

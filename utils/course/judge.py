@@ -278,6 +278,11 @@ def executed(nb: nbformat.NotebookNode, work: Path, scratch: Path, timeout: int,
     it. on_cell(index, run) is called after each cell of the final run.
     """
     env = kernel_environment(scratch, threads)
+    if sandboxed:
+        # The sandbox mounts the model cache read-only: on a machine where SmolLM2 was never loaded, make it here.
+        from utils.models import ensure_smollm2_cache
+
+        ensure_smollm2_cache()
     failed: list[CellRun] = []
     skipped: set[int] = set()
     for _ in range(MAX_KERNEL_RESTARTS + 1):

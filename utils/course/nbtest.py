@@ -12,6 +12,9 @@ Each cell item compares that cell's fresh text outputs with the stored ones:
 - a cell tagged `nbval-ignore-output` is run but not compared (plots, widgets, progress bars);
 - a cell tagged `approx-numbers` compares its numbers within 10 % or 2 units of the last printed digit, the
   rest of its text exactly (numbers from training inside the notebook, whose last digit depends on the CPU);
+- a cell tagged `chaotic-numbers` compares its text with every number masked (outcomes of short training runs
+  whose timing itself changes between CPUs, such as the epoch at which a run groks: the prose says so, and the
+  cell prints the property that held on every machine, which is compared as text);
 - before comparing, the patterns in tests/nbval_sanitize.cfg are replaced (memory addresses, tqdm bars).
 
 The `grade` item fails unless every exercise of the chapter passes. The run's time and peak memory per notebook
@@ -72,9 +75,14 @@ def sanitize(text: str, patterns) -> str:
     return text
 
 
+def same_but_numbers(stored: str, fresh: str) -> bool:
+    """Same text once every number is masked."""
+    return NUMBER.sub("#", stored) == NUMBER.sub("#", fresh)
+
+
 def numbers_close(stored: str, fresh: str) -> bool:
     """Same text once numbers are set aside, and each number within 10 % or 2 units of its last printed digit."""
-    if NUMBER.sub("#", stored) != NUMBER.sub("#", fresh):
+    if not same_but_numbers(stored, fresh):
         return False
     for want, got in zip(NUMBER.findall(stored), NUMBER.findall(fresh)):
         decimals = len(want.split(".")[1].split("e")[0].split("E")[0]) if "." in want else 0
@@ -150,7 +158,9 @@ class CellItem(pytest.Item):
             return
         patterns = _sanitizers()
         want, got = sanitize(output_text(stored_cell), patterns), sanitize(output_text(fresh_cell), patterns)
-        if want == got or ("approx-numbers" in tags(stored_cell) and numbers_close(want, got)):
+        cell_tags = tags(stored_cell)
+        if want == got or ("approx-numbers" in cell_tags and numbers_close(want, got)) or \
+                ("chaotic-numbers" in cell_tags and same_but_numbers(want, got)):
             return
         diff = "\n".join(difflib.unified_diff(want.splitlines(), got.splitlines(), "stored", "this run", lineterm=""))
         raise NotebookFailure(f"the output differs from the stored one:\n{diff[:4000]}")
