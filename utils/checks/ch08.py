@@ -14,7 +14,7 @@ import torch
 
 from utils import dashboards as _dash
 from utils import sae as _sae
-from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor
+from utils.course.checking import CheckFailed, as_number, exercise, expect_callable, expect_tensor
 from utils.models import model_for_checks
 
 
@@ -23,14 +23,6 @@ def _close(got, expected, atol: float = 1e-4, rtol: float = 1e-4) -> bool:
         return False
     return torch.allclose(got.detach().to("cpu", torch.float32), expected.detach().to("cpu", torch.float32),
                           atol=atol, rtol=rtol)
-
-
-def _number(got, what: str) -> float:
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
-        raise CheckFailed(f"{what}: expected a number, got {type(got).__name__}.")
-    return float(got)
 
 
 def random_sae(d_in: int, d_sae: int, seed: int, unit_decoder: bool = False) -> dict:
@@ -170,7 +162,7 @@ def sae_loss(answer, hidden):
         if not isinstance(got, dict) or not {"mse", "l1", "loss"} <= set(got):
             raise CheckFailed(f"{what}: return a dict with the keys 'mse', 'l1' and 'loss', got "
                               f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
-        values = {key: _number(got[key], f"{what}, '{key}'") for key in ("mse", "l1", "loss")}
+        values = {key: as_number(got[key], f"{what}, '{key}'") for key in ("mse", "l1", "loss")}
         recon, acts = _sae.sae_forward(x, params, architecture, k)
         mse, l1_value = float(expected["mse"]), float(expected["l1"])
         if abs(values["mse"] - mse) > 1e-4 * max(1.0, mse):
@@ -307,7 +299,7 @@ def fraction_variance_explained(answer, hidden):
         cases.append((x, x + noise * torch.randn(*shape, generator=generator)))
     for i, (x, recon) in enumerate(cases):
         what = f"case {i} (x {tuple(x.shape)})"
-        got = _number(answer(x.clone(), recon.clone()), what)
+        got = as_number(answer(x.clone(), recon.clone()), what)
         expected = float(_sae.fraction_variance_explained(x, recon))
         if abs(got - expected) < 1e-4:
             continue
@@ -358,7 +350,7 @@ def latent_statistics(answer, hidden):
         if not isinstance(got, dict) or not set(expected) <= set(got):
             raise CheckFailed(f"{what}: return a dict with keys {sorted(expected)}, got "
                               f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
-        l0 = _number(got["l0"], f"{what}, 'l0'")
+        l0 = as_number(got["l0"], f"{what}, 'l0'")
         if abs(l0 - expected["l0"]) > 1e-4:
             flat = acts.reshape(-1, acts.shape[-1])
             if abs(l0 - float((flat > 0).float().mean())) < 1e-4:
@@ -370,7 +362,7 @@ def latent_statistics(answer, hidden):
             raise CheckFailed(f"{what}: l0 is {l0:.4f}, expected {expected['l0']:.4f}.")
         expect_tensor(got["firing_rate"], expected["firing_rate"], f"{what}, 'firing_rate'", atol=1e-5,
                       hint="the fraction of tokens on which each latent is > 0: one number per latent.")
-        n_dead, n_dense = _number(got["n_dead"], f"{what}, 'n_dead'"), _number(got["n_dense"], f"{what}, 'n_dense'")
+        n_dead, n_dense = as_number(got["n_dead"], f"{what}, 'n_dead'"), as_number(got["n_dense"], f"{what}, 'n_dense'")
         if n_dead != expected["n_dead"]:
             raise CheckFailed(f"{what}: n_dead is {n_dead:g}, expected {expected['n_dead']}: a dead latent is active "
                               f"on no token at all.")
@@ -425,7 +417,7 @@ def spliced_loss(answer, hidden):
             if hooks_left:
                 raise CheckFailed(f"{what}: your function left a hook on the model; use model.run_with_hooks (it "
                                   f"removes its hooks) or model.hooks(...) as a context manager.")
-            got = _number(got, what)
+            got = as_number(got, what)
             expected = _spliced(model, tokens, hook_name, params, architecture, k, mode, mean)
             n_cases += 1
             if abs(got - expected) < 1e-3:
@@ -492,7 +484,7 @@ def ce_loss_recovered(answer, hidden):
         cases += [(1.7, 2.2, 12.4), (4.1, 4.15, 8.3)]
     for i, (clean, spliced, ablated) in enumerate(cases):
         what = f"case {i} (clean {clean}, spliced {spliced}, ablated {ablated})"
-        got = _number(answer(clean, spliced, ablated), what)
+        got = as_number(answer(clean, spliced, ablated), what)
         expected = _sae.ce_loss_recovered(clean, spliced, ablated)
         if abs(got - expected) < 1e-6:
             continue
@@ -606,7 +598,7 @@ def dashboard_statistics(answer, hidden):
         if not isinstance(got, dict) or not set(expected) <= set(got):
             raise CheckFailed(f"{what}: return a dict with keys {sorted(expected)}, got "
                               f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
-        rate = _number(got["firing_rate"], f"{what}, 'firing_rate'")
+        rate = as_number(got["firing_rate"], f"{what}, 'firing_rate'")
         if abs(rate - expected["firing_rate"]) > 1e-6:
             raise CheckFailed(f"{what}: firing_rate is {rate:.4f}, expected {expected['firing_rate']:.4f} (the "
                               f"fraction of all positions where the latent is > 0).")

@@ -12,7 +12,7 @@ import math
 import torch
 
 from utils import grokking as _g
-from utils.course.checking import CheckFailed, exercise, expect_callable, expect_tensor, hidden_generator
+from utils.course.checking import CheckFailed, as_number, exercise, expect_callable, expect_tensor, hidden_generator
 
 
 def _close(got, expected, atol: float = 1e-4, rtol: float = 1e-4) -> bool:
@@ -20,14 +20,6 @@ def _close(got, expected, atol: float = 1e-4, rtol: float = 1e-4) -> bool:
         return False
     return torch.allclose(got.detach().to("cpu", torch.float64), expected.detach().to("cpu", torch.float64),
                           atol=atol, rtol=rtol)
-
-
-def _number(got, what: str) -> float:
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
-        raise CheckFailed(f"{what}: expected a number, got {type(got).__name__}.")
-    return float(got)
 
 
 def _diagnose(got, what: str, mistakes: list[tuple[torch.Tensor, str]], atol: float = 1e-4) -> None:
@@ -346,7 +338,7 @@ def progress_measures(answer, hidden):
         expected = _g.progress_measures(logits, labels, train_idx, test_idx, freqs)
         if not isinstance(got, dict) or not set(keys) <= set(got):
             raise CheckFailed(f"{what}: return a dict with the keys {keys}.")
-        values = {key: _number(got[key], f"{what}, '{key}'") for key in keys}
+        values = {key: as_number(got[key], f"{what}, '{key}'") for key in keys}
         key_part = _g.logit_frequency_components(logits, p, freqs).double()
         ce = _g._cross_entropy
         for key in keys:
@@ -412,7 +404,7 @@ def three_phases(answer, hidden):
         if not isinstance(got, (tuple, list)) or len(got) != 3:
             raise CheckFailed(f"{what}: return three epochs (end of memorisation, end of circuit formation, end of "
                               f"cleanup).")
-        got = tuple(int(_number(x, what)) for x in got)
+        got = tuple(int(as_number(x, what)) for x in got)
         if got == expected:
             continue
         names = ("the end of memorisation", "the end of circuit formation", "the end of cleanup")
@@ -467,7 +459,7 @@ def train_modular(answer, hidden):
                               f"[p+1, d_model] (the fixed one when fixed_embedding is given).")
         for row, ref in zip(got, expected):
             for key in _TRAIN_KEYS[1:]:
-                value = _number(row.get(key), f"{what}, epoch {row['epoch']}, '{key}'")
+                value = as_number(row.get(key), f"{what}, epoch {row['epoch']}, '{key}'")
                 if abs(value - ref[key]) > 2e-3 * max(1.0, abs(ref[key])):
                     raise CheckFailed(f"{what}: at epoch {row['epoch']} '{key}' is {value:.4g}, expected "
                                       f"{ref[key]:.4g}. {_training_diagnosis(got, args)}")

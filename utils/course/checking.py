@@ -230,11 +230,17 @@ def expect_callable(answer: Any, what: str) -> None:
                           f"without calling it.")
 
 
-def expect_number(got: Any, expected: float, what: str, tolerance: float, hint: str = "") -> None:
-    hint = f" Hint: {hint}" if hint else ""
+def as_number(got: Any, what: str, hint: str = "") -> float:
+    """`got` as a float (a one-element tensor is read out); anything else, bools included, fails the check."""
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
     if not isinstance(got, (int, float)) or isinstance(got, bool):
         raise CheckFailed(f"{what}: expected a number, got {type(got).__name__}.{hint}")
+    return float(got)
+
+
+def expect_number(got: Any, expected: float, what: str, tolerance: float, hint: str = "") -> None:
+    hint = f" Hint: {hint}" if hint else ""
+    got = as_number(got, what, hint)
     if abs(got - expected) > tolerance:
         raise CheckFailed(f"{what}: expected {expected:.4g} (within {tolerance:g}), got {got:.4g}.{hint}")
