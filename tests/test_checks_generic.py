@@ -82,6 +82,7 @@ def test_reference_passes_whatever_the_hidden_draw(entry):
 def test_stub_is_not_attempted(entry):
     result = run_check(entry, stub, hidden=True)
     assert not result.passed and not result.attempted, result.message
+    assert result.message.startswith("not attempted"), result.message
 
 
 @pytest.mark.parametrize("entry", EXERCISES, ids=IDS)
