@@ -3,8 +3,12 @@
 For each chapter below, a copy of its solution notebook (outputs cleared, so everything on screen comes from this
 run) is opened in JupyterLab and run with the menu's Run > Run All Cells. Then the test asserts what a learner
 should see: every plotly figure drawn (an SVG with a title, labelled axes and data in it, not an empty div), the
-circuitsvis attention view rendered, the ipywidgets slider changing its output when moved, and every check cell's
-pass line. Screenshots go to test-artifacts/browser/ (WORKBOOK_ARTIFACTS overrides the folder).
+circuitsvis attention view rendered, the ipywidgets slider changing its output when moved, and the pass line of
+every check cell it ran. Screenshots go to test-artifacts/browser/ (WORKBOOK_ARTIFACTS overrides the folder).
+
+Chapter 01 runs as a slice: its first part (everything before the corpus work) and the slider cell, which needs
+only that part. The whole chapter takes five minutes in the browser and shows no kind of output the slice does not;
+its every cell is executed, compared and graded by the solution-notebook test.
 
 Needs Debian's `chromium` (CI installs it; `apt-get install chromium`); without it the test is skipped locally
 and fails in CI. Offline: JupyterLab's news and update checks are off and Chromium makes no background requests.
@@ -36,10 +40,13 @@ ARTIFACTS = Path(os.environ.get("WORKBOOK_ARTIFACTS", ROOT / "test-artifacts")) 
 STALL_S = 600  # the grader's limit for one cell
 START_S = 600  # for JupyterLab to open the notebook and start its kernel
 # What each chapter must show; together they cover every kind of output the course uses.
+# "slice": (the first code cell to leave out, the first to keep again), each named by how its source starts.
 CHAPTERS = {
-    "00_orientation": {"plots": True, "attention_view": True, "slider": None},
-    "01_logit_lens": {"plots": True, "attention_view": False, "slider": "layer"},
+    "00_orientation": {"plots": True, "attention_view": True, "slider": None, "slice": None},
+    "01_logit_lens": {"plots": True, "attention_view": False, "slider": "layer",
+                      "slice": ("corpus_tokens = corpus_token_batches(", "view_prompts = [")},
 }
+CHECK_CALL = re.compile(r"^check\.(\w+)\(", re.MULTILINE)
 # Chromium as root in a container, with no network: no sandbox, no GPU, and none of its background requests.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -66,8 +73,10 @@ def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab")
     notebooks, config = work / "notebooks", work / "jupyter"
     notebooks.mkdir()
-    for name in CHAPTERS:
+    for name, expect in CHAPTERS.items():
         nb = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+        if expect["slice"]:
+            nb.cells = _slice(nb.cells, *expect["slice"])
         for cell in nb.cells:
             if cell.cell_type == "code":
                 cell.outputs, cell.execution_count = [], None
@@ -115,6 +124,20 @@ def lab(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def _start_index(cells, start: str) -> int:
+    found = [i for i, cell in enumerate(cells) if cell.cell_type == "code" and cell.source.startswith(start)]
+    if len(found) != 1:  # the chapter changed: say so instead of silently testing another slice
+        pytest.fail(f"the browser test's slice expects one code cell starting with {start!r}, found {len(found)}")
+    return found[0]
+
+
+def _slice(cells, leave_out_from: str, keep_from: str) -> list:
+    """The cells before `leave_out_from` and those from `keep_from` up to the next code cell after it."""
+    first, again = _start_index(cells, leave_out_from), _start_index(cells, keep_from)
+    assert first < again, (leave_out_from, keep_from)
+    return cells[:first] + cells[again:again + 1]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +189,7 @@ def _wait_until_idle(page, timeout_s: float = STALL_S) -> None:
 
 @pytest.mark.parametrize("name", list(CHAPTERS))
 def test_chapter_in_jupyterlab(lab, browser, name):
-    base, token, _ = lab
+    base, token, notebooks = lab
     expect = CHAPTERS[name]
     shots = ARTIFACTS / name
     shutil.rmtree(shots, ignore_errors=True)
@@ -189,7 +212,7 @@ def test_chapter_in_jupyterlab(lab, browser, name):
         page.screenshot(path=shots / "finished.png")
         assert not state["errors"], f"{name}: cells raised errors in JupyterLab: {state['errors']}"
 
-        _assert_check_cells_pass(panel, name)
+        _assert_check_cells_pass(panel, name, notebooks / f"{name}.ipynb")
         if expect["plots"]:
             _assert_plots_drawn(panel, state["plotly"], shots)
         if expect["attention_view"]:
@@ -203,12 +226,17 @@ def test_chapter_in_jupyterlab(lab, browser, name):
             page.close()
 
 
-def _assert_check_cells_pass(panel, name: str) -> None:
+def _assert_check_cells_pass(panel, name: str, path: Path) -> None:
     chapter = name[:2]
     text = panel.locator(".jp-Notebook").inner_text()
     passes = set(re.findall(r"✅ Exercise (\d+\.\d+)", text))
-    expected = {exercise.number for exercise in chapter_exercises(chapter).values()}
-    assert expected, f"chapter {chapter} has no exercises registered"
+    exercises = chapter_exercises(chapter)
+    called = {match for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
+              for match in CHECK_CALL.findall(cell.source)}
+    unknown = called - set(exercises)
+    assert not unknown, f"check cells call {sorted(unknown)}, which chapter {chapter} does not register"
+    expected = {exercises[key].number for key in called}
+    assert expected, f"the notebook run in the browser has no check cells (chapter {chapter})"
     assert passes == expected, f"pass lines shown for {sorted(passes)}, expected {sorted(expected)}"
     assert "❌" not in text, "a check cell shows a failure"
 

@@ -22,6 +22,13 @@ def test_same_object_on_repeated_calls(model):
     assert models.load_model() is model
 
 
+def test_one_copy_however_the_default_is_named(model):
+    # A chapter calls load_model(), its checks load_model("smollm2"): two copies would cost 1.35 GiB more.
+    assert models.load_model("smollm2") is model
+    assert models.load_model("SmolLM2-135M-Instruct", device=models.best_device()) is model
+    assert models.model_for_checks() is model
+
+
 def test_bos_convention(model):
     tokens = model.to_str_tokens("The Eiffel Tower")
     assert tokens[0] == "<|im_start|>" and tokens[1] == "The"

@@ -131,16 +131,19 @@ def _wrap(hub_name: str, hf_model, tokenizer, device: str):
 
 
 @course_object  # the grader rebuilds it in a learner's kernel by calling load_model again
-@functools.lru_cache(maxsize=2)
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None):
     """Return a ready `TransformerBridge` for `name` on `device` (default: a GPU if there is one, else CPU).
 
     `name="smollm2"` (the default) works offline. Any other name (e.g. "gpt2", "Qwen/Qwen2.5-0.5B") is fetched
     from the HuggingFace hub, which needs an internet connection. The same object is returned on repeated calls,
-    so hooks are reset each time.
+    however the name and device are spelled (`load_model()`, `load_model("SmolLM2")`, `load_model(device="cpu")`).
     """
-    device = device or best_device()
-    hub_name = ALIASES.get(name.lower(), name)
+    # Spellings are resolved before the cache, so that a chapter and its checks share one copy of the model.
+    return _load(ALIASES.get(name.lower(), name), device or best_device())
+
+
+@functools.lru_cache(maxsize=2)
+def _load(hub_name: str, device: str):
     if hub_name == SMOLLM2_HUB_NAME:
         hf_model, tokenizer = load_hf_smollm2()
         return _wrap(hub_name, hf_model.to(device), tokenizer, device)
@@ -151,7 +154,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None):
         hf_model = AutoModelForCausalLM.from_pretrained(hub_name, dtype=torch.float32)
     except OSError as error:  # what transformers raises for "not on the hub" and for "no connection"
         raise ModelUnavailableError(
-            f"Could not load {name!r} from the HuggingFace hub: {error.__class__.__name__}. "
+            f"Could not load {hub_name!r} from the HuggingFace hub: {error.__class__.__name__}. "
             f"Models other than the offline default need an internet connection (and a correct name). "
             f"Offline, use load_model({DEFAULT_MODEL!r}), which ships with the course."
         ) from None
