@@ -40,7 +40,8 @@ ARTIFACTS = Path(os.environ.get("WORKBOOK_ARTIFACTS", ROOT / "test-artifacts")) 
 STALL_S = 600  # the grader's limit for one cell
 START_S = 600  # for JupyterLab to open the notebook and start its kernel
 # What each chapter must show; together they cover every kind of output the course uses.
-# "slice": (the first code cell to leave out, the first to keep again), each named by how its source starts.
+# "slice": (the first code cell to leave out, the one later code cell to run after the part kept), each named by
+# how its source starts.
 CHAPTERS = {
     "00_orientation": {"plots": True, "attention_view": True, "slider": None, "slice": None},
     "01_logit_lens": {"plots": True, "attention_view": False, "slider": "layer",
@@ -134,7 +135,7 @@ def _start_index(cells, start: str) -> int:
 
 
 def _slice(cells, leave_out_from: str, keep_from: str) -> list:
-    """The cells before `leave_out_from` and those from `keep_from` up to the next code cell after it."""
+    """The cells before the code cell `leave_out_from`, then the code cell `keep_from` alone."""
     first, again = _start_index(cells, leave_out_from), _start_index(cells, keep_from)
     assert first < again, (leave_out_from, keep_from)
     return cells[:first] + cells[again:again + 1]
